@@ -1,0 +1,115 @@
+"""Checks of the learner's components against the TransformerLens reference.
+
+In a notebook:  `check("layernorm.LayerNorm")`
+In a terminal:  `gpt2-course check layernorm.LayerNorm`
+"""
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from gpt2_course import parts
+from gpt2_course.checks.core import Verdict, describe_exception
+from gpt2_course.checks.registry import Check, all_checks, get_check
+
+
+@dataclass
+class CheckResult:
+    id: str
+    passed: bool
+    status: str  # "passed", "failed" or "not implemented"
+    points: float
+    max_points: float
+    feedback: str
+    seconds: float
+
+    def report(self) -> str:
+        mark = {"passed": "PASS", "failed": "FAIL", "not implemented": "TODO"}[self.status]
+        return f"[{mark}] {self.id} ({self.seconds:.2f} s): {self.feedback}"
+
+    def _repr_html_(self) -> str:  # shown in notebooks
+        import html
+
+        colour = {"passed": "#1a7f37", "failed": "#cf222e", "not implemented": "#9a6700"}[self.status]
+        symbol = {"passed": "&#10004;", "failed": "&#10008;", "not implemented": "&#8230;"}[self.status]
+        return (
+            f'<div style="border-left:4px solid {colour};padding:4px 10px">'
+            f'<b style="color:{colour}">{symbol} {html.escape(self.id)}: {self.status}</b> '
+            f"<small>({self.seconds:.2f} s)</small>"
+            f'<pre style="white-space:pre-wrap;margin:4px 0">{html.escape(self.feedback)}</pre></div>'
+        )
+
+    def __repr__(self) -> str:
+        return self.report()
+
+
+def load_implementation(check: Check, package: str) -> Any:
+    """The object under test from `package`, or raise ImportError with a clear message."""
+    module, name = check.component.split(".")
+    where = f"{package.replace('.', '/')}/{module}.py"
+    try:
+        source = parts.load(package, module)
+    except SyntaxError as error:
+        raise ImportError(f"{where} has a syntax error on line {error.lineno}: {error.msg}") from error
+    except ModuleNotFoundError as error:
+        if error.name and error.name.endswith(module):
+            raise ImportError(f"{where} is missing") from error
+        raise ImportError(f"importing {where} failed: {describe_exception(error)}") from error
+    except Exception as error:
+        raise ImportError(f"importing {where} failed: {describe_exception(error)}") from error
+    implementation = getattr(source, name, None)
+    if implementation is None:
+        raise ImportError(f"{where} defines no `{name}`: keep the names of the stub")
+    return implementation
+
+
+def judge_implementation(check: Check, implementation: Any) -> Verdict:
+    """Run then judge one implementation (both phases, in this process)."""
+    return check.judge(check.run(implementation))
+
+
+def run_check(check_id: str, package: str | None = None) -> CheckResult:
+    """Check the learner's component (or the one in `package`) and return the result."""
+    check = get_check(check_id)
+    package = package or (parts.SOLUTIONS if parts.solutions_everywhere() else parts.EXERCISES)
+    start = time.perf_counter()
+    try:
+        implementation = load_implementation(check, package)
+    except ImportError as error:
+        verdict = Verdict(False, str(error))
+    else:
+        verdict = judge_implementation(check, implementation)
+    return result_of(check, verdict, time.perf_counter() - start)
+
+
+def result_of(check: Check, verdict: Verdict, seconds: float) -> CheckResult:
+    status = "passed" if verdict.passed else ("not implemented" if verdict.not_implemented else "failed")
+    points = check.points if verdict.passed else 0.0
+    return CheckResult(check.id, verdict.passed, status, points, check.points, verdict.feedback, seconds)
+
+
+def check(*check_ids: str) -> None:
+    """Run checks and show the results (for notebook check cells)."""
+    results = [run_check(cid) for cid in check_ids]
+    for result in results:
+        _show(result)
+    failed = [r.id for r in results if not r.passed]
+    if failed and parts.solutions_everywhere():
+        # CI runs the notebooks on the solutions: a failing check there is a course bug
+        raise AssertionError(f"reference solutions failed: {', '.join(failed)}")
+
+
+def _show(result: CheckResult) -> None:
+    try:
+        from IPython import get_ipython
+        from IPython.display import display
+
+        if get_ipython() is not None:
+            display(result)
+            return
+    except ImportError:
+        pass
+    print(result.report())
+
+
+__all__ = ["CheckResult", "all_checks", "check", "get_check", "run_check"]

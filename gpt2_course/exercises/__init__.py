@@ -1,0 +1,1 @@
+"""Your code: complete the stubs in these files, one topic per notebook."""

@@ -1,0 +1,51 @@
+"""Causal multi-head self-attention."""
+
+import einops
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+from gpt2_course.config import TransformerConfig
+
+
+class MultiHeadAttention(nn.Module):
+    """Each head mixes information from earlier positions into the current one."""
+
+    IGNORE: float = float("-inf")  # masked scores: exp(-inf) = 0 after the softmax
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        heads, d_model, d_head = cfg.n_heads, cfg.d_model, cfg.d_head
+        self.W_Q = nn.Parameter(torch.empty(heads, d_model, d_head))
+        self.W_K = nn.Parameter(torch.empty(heads, d_model, d_head))
+        self.W_V = nn.Parameter(torch.empty(heads, d_model, d_head))
+        self.W_O = nn.Parameter(torch.empty(heads, d_head, d_model))
+        self.b_Q = nn.Parameter(torch.zeros(heads, d_head))
+        self.b_K = nn.Parameter(torch.zeros(heads, d_head))
+        self.b_V = nn.Parameter(torch.zeros(heads, d_head))
+        self.b_O = nn.Parameter(torch.zeros(d_model))
+        for weight in (self.W_Q, self.W_K, self.W_V, self.W_O):
+            nn.init.normal_(weight, std=cfg.init_range)
+
+    def apply_causal_mask(
+        self, scores: Float[Tensor, "batch n_heads query_pos key_pos"]
+    ) -> Float[Tensor, "batch n_heads query_pos key_pos"]:
+        """Hide every key that comes after its query."""
+        q_len, k_len = scores.shape[-2:]
+        # With a cache of earlier keys, query i sits at absolute position i + (k_len - q_len).
+        future = torch.triu(
+            torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device), diagonal=k_len - q_len + 1
+        )
+        return scores.masked_fill(future, self.IGNORE)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+        q = einops.einsum(x, self.W_Q, "b pos d_model, heads d_model d_head -> b pos heads d_head") + self.b_Q
+        k = einops.einsum(x, self.W_K, "b pos d_model, heads d_model d_head -> b pos heads d_head") + self.b_K
+        v = einops.einsum(x, self.W_V, "b pos d_model, heads d_model d_head -> b pos heads d_head") + self.b_V
+        scores = einops.einsum(q, k, "b q_pos heads d_head, b k_pos heads d_head -> b heads q_pos k_pos")
+        pattern = self.apply_causal_mask(scores / self.cfg.d_head**0.5).softmax(dim=-1)
+        z = einops.einsum(pattern, v, "b heads q_pos k_pos, b k_pos heads d_head -> b q_pos heads d_head")
+        # Each head writes through its own slice of W_O; summing over heads merges them.
+        out = einops.einsum(z, self.W_O, "b pos heads d_head, heads d_head d_model -> b pos d_model")
+        return out + self.b_O
