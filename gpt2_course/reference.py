@@ -54,7 +54,9 @@ def load_pretrained_gpt2(allow_download: bool) -> GPT2LMHeadModel | None:
     try:
         return GPT2LMHeadModel.from_pretrained("gpt2")
     except Exception as error:  # a network failure half-way is not fatal
-        warnings.warn(f"Could not download GPT-2's weights ({error}); using random weights.")
+        warnings.warn(
+            f"Could not download GPT-2's weights ({error}); using random weights.", stacklevel=2
+        )
         return None
 
 

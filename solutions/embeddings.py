@@ -50,5 +50,7 @@ class Unembedding(nn.Module):
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
-        logits = einops.einsum(x, self.W_U, "batch pos d_model, d_model d_vocab -> batch pos d_vocab")
+        logits = einops.einsum(
+            x, self.W_U, "batch pos d_model, d_model d_vocab -> batch pos d_vocab"
+        )
         return logits + self.b_U

@@ -26,7 +26,9 @@ def test_stub_is_not_implemented(check_id):
     assert "gpt2_course/exercises/" in result.feedback
 
 
-@pytest.mark.parametrize(("check_id", "mistake"), MISTAKES, ids=[f"{c}-{m.name}" for c, m in MISTAKES])
+@pytest.mark.parametrize(
+    ("check_id", "mistake"), MISTAKES, ids=[f"{c}-{m.name}" for c, m in MISTAKES]
+)
 def test_mistake_fails_and_is_named(check_id, mistake):
     verdict = judge_implementation(CHECKS[check_id], mistake.implementation)
     assert not verdict.passed

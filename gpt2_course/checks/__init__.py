@@ -30,13 +30,18 @@ class CheckResult:
     def _repr_html_(self) -> str:  # shown in notebooks
         import html
 
-        colour = {"passed": "#1a7f37", "failed": "#cf222e", "not implemented": "#9a6700"}[self.status]
-        symbol = {"passed": "&#10004;", "failed": "&#10008;", "not implemented": "&#8230;"}[self.status]
+        colour = {"passed": "#1a7f37", "failed": "#cf222e", "not implemented": "#9a6700"}[
+            self.status
+        ]
+        symbol = {"passed": "&#10004;", "failed": "&#10008;", "not implemented": "&#8230;"}[
+            self.status
+        ]
         return (
             f'<div style="border-left:4px solid {colour};padding:4px 10px">'
             f'<b style="color:{colour}">{symbol} {html.escape(self.id)}: {self.status}</b> '
             f"<small>({self.seconds:.2f} s)</small>"
-            f'<pre style="white-space:pre-wrap;margin:4px 0">{html.escape(self.feedback)}</pre></div>'
+            '<pre style="white-space:pre-wrap;margin:4px 0">'
+            f"{html.escape(self.feedback)}</pre></div>"
         )
 
     def __repr__(self) -> str:
@@ -50,7 +55,9 @@ def load_implementation(check: Check, package: str) -> Any:
     try:
         source = parts.load(package, module)
     except SyntaxError as error:
-        raise ImportError(f"{where} has a syntax error on line {error.lineno}: {error.msg}") from error
+        raise ImportError(
+            f"{where} has a syntax error on line {error.lineno}: {error.msg}"
+        ) from error
     except ModuleNotFoundError as error:
         if error.name and error.name.endswith(module):
             raise ImportError(f"{where} is missing") from error
@@ -83,9 +90,13 @@ def run_check(check_id: str, package: str | None = None) -> CheckResult:
 
 
 def result_of(check: Check, verdict: Verdict, seconds: float) -> CheckResult:
-    status = "passed" if verdict.passed else ("not implemented" if verdict.not_implemented else "failed")
+    status = (
+        "passed" if verdict.passed else ("not implemented" if verdict.not_implemented else "failed")
+    )
     points = check.points if verdict.passed else 0.0
-    return CheckResult(check.id, verdict.passed, status, points, check.points, verdict.feedback, seconds)
+    return CheckResult(
+        check.id, verdict.passed, status, points, check.points, verdict.feedback, seconds
+    )
 
 
 def check(*check_ids: str) -> None:

@@ -108,8 +108,7 @@ def load_params(module: nn.Module, params: dict[str, Tensor], what: str) -> None
             )
         if tuple(own[name].shape) != tuple(value.shape):
             raise CheckSetupError(
-                f"{what}.{name} has shape {list(own[name].shape)}, "
-                f"expected {list(value.shape)}."
+                f"{what}.{name} has shape {list(own[name].shape)}, expected {list(value.shape)}."
             )
         with torch.no_grad():
             own[name].copy_(value)
@@ -139,7 +138,9 @@ def _detached(output: Any) -> Any:
     return output
 
 
-def run_cases(call: Callable[[Any, Case], Any], implementation: Any, cases: Sequence[Case]) -> list[Outcome]:
+def run_cases(
+    call: Callable[[Any, Case], Any], implementation: Any, cases: Sequence[Case]
+) -> list[Outcome]:
     """The run phase: call `implementation` on every case, catching every failure."""
     outcomes = []
     for case in cases:
@@ -286,24 +287,29 @@ def judge_cases(
             feedback = f"case '{case.name}': your code raised an error:\n  {outcome.error}"
             found = diagnose(cases, outcomes, i, call, mistakes, compare_fn)
             if found:
-                feedback += "\n  This looks like a common mistake: the same error comes from " + "; or ".join(
-                    m.description for m in found
-                ) + "."
+                feedback += (
+                    "\n  This looks like a common mistake: the same error comes from "
+                    + "; or ".join(m.description for m in found)
+                    + "."
+                )
             return Verdict(False, feedback, False, i, total, [m.name for m in found])
         problem = compare_fn(outcome.output, case.expected, case.atol, case.rtol)
         if problem is None and outcome.modified_args:
             which = ", ".join(f"argument {j + 1}" for j in outcome.modified_args)
             problem = (
                 f"your code changed its input in place ({which}). Forward passes must leave "
-                "their inputs alone: build a new tensor instead (e.g. `x = x - mean`, not `x -= mean`)"
+                "their inputs alone: build a new tensor instead "
+                "(e.g. `x = x - mean`, not `x -= mean`)"
             )
         if problem is not None:
             found = diagnose(cases, outcomes, i, call, mistakes, compare_fn)
             feedback = f"case '{case.name}': {problem}"
             if found:
-                feedback += "\n  This looks like a common mistake: your output matches " + "; or ".join(
-                    m.description for m in found
-                ) + "."
+                feedback += (
+                    "\n  This looks like a common mistake: your output matches "
+                    + "; or ".join(m.description for m in found)
+                    + "."
+                )
             return Verdict(False, feedback, False, i, total, [m.name for m in found])
     if len(outcomes) < total:
         return Verdict(False, "the check did not run every case", False, len(outcomes), total)
@@ -316,14 +322,24 @@ def _error_line(error: str | None) -> str:
 
 
 def _same_behaviour(
-    outcome: Outcome, wrong: Outcome, case: Case, compare_fn: Callable[[Any, Any, float, float], str | None]
+    outcome: Outcome,
+    wrong: Outcome,
+    case: Case,
+    compare_fn: Callable[[Any, Any, float, float], str | None],
 ) -> bool:
     """Did the learner's code and a known mistake do the same thing on `case`?"""
     if outcome.error or wrong.error:
-        return bool(outcome.error and wrong.error) and _error_line(outcome.error) == _error_line(wrong.error)
-    if not isinstance(outcome.output, Tensor) or not isinstance(wrong.output, Tensor):
+        return bool(outcome.error and wrong.error) and _error_line(outcome.error) == _error_line(
+            wrong.error
+        )
+    if compare_fn is compare and not (
+        isinstance(outcome.output, Tensor) and isinstance(wrong.output, Tensor)
+    ):
+        return False  # a custom compare may judge non-tensor outputs (e.g. a tuple) itself
+    try:
+        return compare_fn(outcome.output, wrong.output, case.atol, case.rtol) is None
+    except Exception:  # the learner's output may be anything
         return False
-    return compare_fn(outcome.output, wrong.output, case.atol, case.rtol) is None
 
 
 def diagnose(
@@ -350,8 +366,13 @@ def diagnose(
         return [m for m, _ in found]
     everywhere = []
     for mistake, _ in found:
-        others = [j for j in range(len(outcomes)) if j != failed and not outcomes[j].not_implemented]
+        others = [
+            j for j in range(len(outcomes)) if j != failed and not outcomes[j].not_implemented
+        ]
         wrong = run_cases(call, mistake.implementation, [cases[j] for j in others])
-        if all(_same_behaviour(outcomes[j], w, cases[j], compare_fn) for j, w in zip(others, wrong, strict=True)):
+        if all(
+            _same_behaviour(outcomes[j], w, cases[j], compare_fn)
+            for j, w in zip(others, wrong, strict=True)
+        ):
             everywhere.append(mistake)
     return everywhere or [m for m, _ in found]

@@ -40,9 +40,27 @@ def embedding_cases() -> list[Case]:
     wide = random_tokens(4, 33, seed=13)
     return [
         Case("real text", (text_tokens(),), {"W_E": W_E}, GPT2_SMALL, text_run()[1]["hook_embed"]),
-        Case("batch of 3 texts", (batch_tokens(),), {"W_E": W_E}, GPT2_SMALL, batch_run()[1]["hook_embed"]),
-        Case("random W_E, token ids < 700", (small,), {"W_E": big_W_E}, GPT2_SMALL, F.embedding(small, big_W_E)),
-        Case("random W_E, ids 0..50256", (wide,), {"W_E": big_W_E}, GPT2_SMALL, F.embedding(wide, big_W_E)),
+        Case(
+            "batch of 3 texts",
+            (batch_tokens(),),
+            {"W_E": W_E},
+            GPT2_SMALL,
+            batch_run()[1]["hook_embed"],
+        ),
+        Case(
+            "random W_E, token ids < 700",
+            (small,),
+            {"W_E": big_W_E},
+            GPT2_SMALL,
+            F.embedding(small, big_W_E),
+        ),
+        Case(
+            "random W_E, ids 0..50256",
+            (wide,),
+            {"W_E": big_W_E},
+            GPT2_SMALL,
+            F.embedding(wide, big_W_E),
+        ),
     ]
 
 
@@ -63,7 +81,11 @@ register(
         embedding_cases,
         call_module(),
         [
-            Mistake("wrong_axis", "indexing W_E along d_model instead of d_vocab (W_E[:, tokens])", EmbeddingWrongAxis),
+            Mistake(
+                "wrong_axis",
+                "indexing W_E along d_model instead of d_vocab (W_E[:, tokens])",
+                EmbeddingWrongAxis,
+            ),
             Mistake(
                 "scaled_by_sqrt_d_model",
                 "embeddings multiplied by sqrt(d_model), as in the original Transformer paper "
@@ -86,8 +108,20 @@ def positional_cases() -> list[Case]:
         return einops.repeat(W[: tokens.shape[1]], "pos d -> batch pos d", batch=tokens.shape[0])
 
     return [
-        Case("real text", (text_tokens(),), {"W_pos": W_pos}, GPT2_SMALL, text_run()[1]["hook_pos_embed"]),
-        Case("batch of 3 texts", (batch_tokens(),), {"W_pos": W_pos}, GPT2_SMALL, batch_run()[1]["hook_pos_embed"]),
+        Case(
+            "real text",
+            (text_tokens(),),
+            {"W_pos": W_pos},
+            GPT2_SMALL,
+            text_run()[1]["hook_pos_embed"],
+        ),
+        Case(
+            "batch of 3 texts",
+            (batch_tokens(),),
+            {"W_pos": W_pos},
+            GPT2_SMALL,
+            batch_run()[1]["hook_pos_embed"],
+        ),
         Case(
             "random W_pos, 3 rows of 5 tokens",
             (random_tokens(3, 5, seed=23),),
@@ -95,7 +129,13 @@ def positional_cases() -> list[Case]:
             GPT2_SMALL,
             expected(big_W_pos, random_tokens(3, 5, seed=23)),
         ),
-        Case("random W_pos, all 1024 positions", (full,), {"W_pos": big_W_pos}, GPT2_SMALL, expected(big_W_pos, full)),
+        Case(
+            "random W_pos, all 1024 positions",
+            (full,),
+            {"W_pos": big_W_pos},
+            GPT2_SMALL,
+            expected(big_W_pos, full),
+        ),
     ]
 
 
@@ -122,9 +162,21 @@ register(
         positional_cases,
         call_module(),
         [
-            Mistake("positions_from_one", "positions counted from 1 instead of 0 (W_pos[1:pos+1])", PositionsFromOne),
-            Mistake("token_ids_as_positions", "indexing W_pos with the token ids instead of the positions", PositionsAreTokenIds),
-            Mistake("no_batch_dim", "W_pos[:pos] without repeating it over the batch dimension", PositionsNoBatch),
+            Mistake(
+                "positions_from_one",
+                "positions counted from 1 instead of 0 (W_pos[1:pos+1])",
+                PositionsFromOne,
+            ),
+            Mistake(
+                "token_ids_as_positions",
+                "indexing W_pos with the token ids instead of the positions",
+                PositionsAreTokenIds,
+            ),
+            Mistake(
+                "no_batch_dim",
+                "W_pos[:pos] without repeating it over the batch dimension",
+                PositionsNoBatch,
+            ),
         ],
     )
 )
@@ -141,8 +193,20 @@ def unembedding_cases() -> list[Case]:
     rand_W_U = randn(D_MODEL, D_VOCAB, seed=31, scale=0.5)
     rand_b_U = randn(D_VOCAB, seed=32, scale=2.0)
     cases = [
-        Case("real text", (text_acts["ln_final.hook_out"],), {"W_U": W_U, "b_U": b_U}, GPT2_SMALL, text_logits),
-        Case("batch of 3 texts", (batch_acts["ln_final.hook_out"],), {"W_U": W_U, "b_U": b_U}, GPT2_SMALL, batch_logits),
+        Case(
+            "real text",
+            (text_acts["ln_final.hook_out"],),
+            {"W_U": W_U, "b_U": b_U},
+            GPT2_SMALL,
+            text_logits,
+        ),
+        Case(
+            "batch of 3 texts",
+            (batch_acts["ln_final.hook_out"],),
+            {"W_U": W_U, "b_U": b_U},
+            GPT2_SMALL,
+            batch_logits,
+        ),
     ]
     for seed, scale in [(33, 1.0), (34, 30.0)]:
         x = randn(2, 6, D_MODEL, seed=seed, scale=scale)
@@ -182,7 +246,11 @@ register(
         [
             Mistake("no_bias", "the unembedding without b_U", UnembeddingNoBias),
             Mistake("softmax", "probabilities (a softmax) instead of logits", UnembeddingSoftmax),
-            Mistake("log_softmax", "log-probabilities (a log_softmax) instead of logits", UnembeddingLogSoftmax),
+            Mistake(
+                "log_softmax",
+                "log-probabilities (a log_softmax) instead of logits",
+                UnembeddingLogSoftmax,
+            ),
         ],
     )
 )

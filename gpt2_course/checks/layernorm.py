@@ -1,6 +1,5 @@
 """Checks for LayerNorm (notebook 02)."""
 
-import torch
 import torch.nn.functional as F
 
 from gpt2_course.checks.core import Case, Mistake, call_module
@@ -34,14 +33,23 @@ def layernorm_cases() -> list[Case]:
     for seed, scale, shift in [(43, 1e-3, 0.0), (44, 1.0, 0.5), (45, 50.0, -20.0)]:
         x = randn(2, 9, D_MODEL, seed=seed, scale=scale, shift=shift)
         expected = F.layer_norm(x, (D_MODEL,), w, b, EPS)  # what GPT-2's nn.LayerNorm computes
-        cases.append(Case(f"random w, b; input scale {scale:g}", (x,), {"w": w, "b": b}, GPT2_SMALL, expected))
+        cases.append(
+            Case(
+                f"random w, b; input scale {scale:g}", (x,), {"w": w, "b": b}, GPT2_SMALL, expected
+            )
+        )
     return cases
 
 
 class EpsOutsideSqrt(LayerNorm):
     def forward(self, x):
         centred = x - x.mean(-1, keepdim=True)
-        return centred / (centred.pow(2).mean(-1, keepdim=True).sqrt() + self.cfg.layer_norm_eps) * self.w + self.b
+        return (
+            centred
+            / (centred.pow(2).mean(-1, keepdim=True).sqrt() + self.cfg.layer_norm_eps)
+            * self.w
+            + self.b
+        )
 
 
 class NoEps(LayerNorm):
@@ -65,7 +73,9 @@ class NoCentring(LayerNorm):
 
 class RMSNorm(LayerNorm):
     def forward(self, x):
-        return x / (x.pow(2).mean(-1, keepdim=True) + self.cfg.layer_norm_eps).sqrt() * self.w + self.b
+        return (
+            x / (x.pow(2).mean(-1, keepdim=True) + self.cfg.layer_norm_eps).sqrt() * self.w + self.b
+        )
 
 
 class WrongAxis(LayerNorm):
@@ -78,7 +88,10 @@ class WrongAxis(LayerNorm):
 class DividesByVariance(LayerNorm):
     def forward(self, x):
         centred = x - x.mean(-1, keepdim=True)
-        return centred / (centred.pow(2).mean(-1, keepdim=True) + self.cfg.layer_norm_eps) * self.w + self.b
+        return (
+            centred / (centred.pow(2).mean(-1, keepdim=True) + self.cfg.layer_norm_eps) * self.w
+            + self.b
+        )
 
 
 class NoWeight(LayerNorm):
@@ -98,7 +111,9 @@ class NoAffine(LayerNorm):
 
 class BiasBeforeWeight(LayerNorm):
     def forward(self, x):
-        return (F.layer_norm(x, (x.shape[-1],), None, None, self.cfg.layer_norm_eps) + self.b) * self.w
+        return (
+            F.layer_norm(x, (x.shape[-1],), None, None, self.cfg.layer_norm_eps) + self.b
+        ) * self.w
 
 
 register(
@@ -108,17 +123,31 @@ register(
         layernorm_cases,
         call_module(),
         [
-            Mistake("eps_outside_sqrt", "LayerNorm with epsilon outside the square root", EpsOutsideSqrt),
+            Mistake(
+                "eps_outside_sqrt", "LayerNorm with epsilon outside the square root", EpsOutsideSqrt
+            ),
             Mistake("no_eps", "LayerNorm without epsilon", NoEps),
-            Mistake("unbiased_variance", "LayerNorm with the unbiased variance (dividing by d_model - 1)", UnbiasedVariance),
+            Mistake(
+                "unbiased_variance",
+                "LayerNorm with the unbiased variance (dividing by d_model - 1)",
+                UnbiasedVariance,
+            ),
             Mistake("no_centring", "LayerNorm that does not subtract the mean from x", NoCentring),
             Mistake("rmsnorm", "RMSNorm: no centring at all (x / sqrt(mean(x**2) + eps))", RMSNorm),
             Mistake("wrong_axis", "LayerNorm over the position axis instead of d_model", WrongAxis),
-            Mistake("divides_by_variance", "LayerNorm dividing by the variance instead of its square root", DividesByVariance),
+            Mistake(
+                "divides_by_variance",
+                "LayerNorm dividing by the variance instead of its square root",
+                DividesByVariance,
+            ),
             Mistake("no_weight", "LayerNorm that forgets to multiply by w", NoWeight),
             Mistake("no_bias", "LayerNorm that forgets to add b", NoBias),
             Mistake("no_affine", "LayerNorm without w and b", NoAffine),
-            Mistake("bias_before_weight", "LayerNorm that adds b before multiplying by w", BiasBeforeWeight),
+            Mistake(
+                "bias_before_weight",
+                "LayerNorm that adds b before multiplying by w",
+                BiasBeforeWeight,
+            ),
         ],
     )
 )

@@ -1,10 +1,10 @@
 """Every check, by its contract id `<module>.<Name>[.<method>]`, in course order."""
 
 import importlib
-from pathlib import Path
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from gpt2_course.checks.core import Case, Mistake, Outcome, Verdict, compare, judge_cases, run_cases

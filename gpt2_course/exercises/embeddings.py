@@ -23,7 +23,9 @@ class Embedding(nn.Module):
 
     def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
         """Return the row of W_E for every token: shape [batch, pos, d_model]."""
-        raise NotImplementedError("Embedding.forward: write it in gpt2_course/exercises/embeddings.py")
+        raise NotImplementedError(
+            "Embedding.forward: write it in gpt2_course/exercises/embeddings.py"
+        )
 
 
 class PositionalEmbedding(nn.Module):
@@ -57,4 +59,6 @@ class Unembedding(nn.Module):
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
         """Return the logits x @ W_U + b_U: shape [batch, pos, d_vocab]."""
-        raise NotImplementedError("Unembedding.forward: write it in gpt2_course/exercises/embeddings.py")
+        raise NotImplementedError(
+            "Unembedding.forward: write it in gpt2_course/exercises/embeddings.py"
+        )

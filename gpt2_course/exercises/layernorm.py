@@ -26,4 +26,6 @@ class LayerNorm(nn.Module):
         (divide by d_model, not d_model - 1) and eps = cfg.layer_norm_eps, then
         multiply by w and add b. Do not change x in place.
         """
-        raise NotImplementedError("LayerNorm.forward: write it in gpt2_course/exercises/layernorm.py")
+        raise NotImplementedError(
+            "LayerNorm.forward: write it in gpt2_course/exercises/layernorm.py"
+        )

@@ -1,0 +1,148 @@
+"""What a learner sees when their code goes wrong in ways no mistake library lists.
+
+The wrong implementations here are written independently of the checks' own
+libraries: crashes, NaNs, wrong dtypes and shapes, in-place edits, renamed
+parameters, broken files.
+"""
+
+import textwrap
+
+import torch
+from torch import nn
+
+from gpt2_course.checks import get_check, judge_implementation, run_check
+from gpt2_course.checks.core import compare
+from gpt2_course.grading import load_submission_package
+from solutions.layernorm import LayerNorm
+
+LN = get_check("layernorm.LayerNorm")
+
+
+def feedback_of(implementation) -> str:
+    verdict = judge_implementation(LN, implementation)
+    assert not verdict.passed
+    return verdict.feedback
+
+
+class Crashes(LayerNorm):
+    def forward(self, x):
+        return x / x.std(dim=-1, keepdims=True, correction=0, nonsense=1)
+
+
+class ProducesNaN(LayerNorm):
+    def forward(self, x):
+        out = super().forward(x)
+        out[..., 3] = float("nan")
+        return out
+
+
+class Float64(LayerNorm):
+    def forward(self, x):
+        return super().forward(x.double())
+
+
+class KeepsOnlyFirstRow(LayerNorm):
+    def forward(self, x):
+        return super().forward(x)[:, :1]
+
+
+class InPlace(LayerNorm):
+    def forward(self, x):
+        x -= x.mean(-1, keepdim=True)
+        x /= (x.pow(2).mean(-1, keepdim=True) + self.cfg.layer_norm_eps).sqrt()
+        return x * self.w + self.b
+
+
+class RenamedParameters(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(cfg.d_model))
+        self.bias = nn.Parameter(torch.zeros(cfg.d_model))
+
+    def forward(self, x):
+        return x
+
+
+class ReturnsNothing(LayerNorm):
+    def forward(self, x):
+        super().forward(x)
+
+
+class Identity(LayerNorm):
+    def forward(self, x):
+        return x.clone()
+
+
+def test_exception_names_the_error_and_the_line():
+    text = feedback_of(Crashes)
+    assert "your code raised an error" in text
+    assert "TypeError" in text
+    assert "test_check_feedback.py, line" in text
+    assert "nonsense=1" in text
+
+
+def test_nan_is_reported_with_its_place():
+    text = feedback_of(ProducesNaN)
+    assert "NaN" in text and "[0, 0, 3]" in text
+
+
+def test_wrong_dtype():
+    assert "dtype torch.float64, expected torch.float32" in feedback_of(Float64)
+
+
+def test_wrong_shape():
+    assert "shape [1, 1, 768], expected [1, 40, 768]" in feedback_of(KeepsOnlyFirstRow)
+
+
+def test_in_place_change_of_the_input():
+    assert "changed its input in place" in feedback_of(InPlace)
+
+
+def test_renamed_parameters():
+    text = feedback_of(RenamedParameters)
+    assert "has no parameter named `w`" in text and "weight, bias" in text
+
+
+def test_returning_none():
+    assert "returned NoneType, expected a tensor" in feedback_of(ReturnsNothing)
+
+
+def test_values_report_largest_error_where_and_how_many():
+    text = feedback_of(Identity)
+    assert "largest error" in text and "yours" in text and "expected" in text
+    assert "% of values are outside atol=0.0001, rtol=0.001" in text
+
+
+def test_compare_allows_matching_infinities():
+    masked = torch.tensor([0.5, float("-inf")])
+    assert compare(masked.clone(), masked) is None
+    assert "finite at [1]" in compare(torch.tensor([0.5, -1e9]), masked)
+
+
+def test_broken_files_in_a_submission(tmp_path):
+    (tmp_path / "layernorm.py").write_text("def broken(:\n")
+    (tmp_path / "embeddings.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            raise RuntimeError("half-finished edit")
+            """
+        )
+    )
+    package = load_submission_package(tmp_path)
+    syntax = run_check("layernorm.LayerNorm", package)
+    assert not syntax.passed and "syntax error on line 1" in syntax.feedback
+    crash = run_check("embeddings.Embedding", package)
+    assert not crash.passed and "half-finished edit" in crash.feedback
+
+
+def test_missing_name_in_a_submission(tmp_path):
+    (tmp_path / "layernorm.py").write_text("class LayerNormalisation:\n    pass\n")
+    result = run_check("layernorm.LayerNorm", load_submission_package(tmp_path))
+    assert "defines no `LayerNorm`" in result.feedback
+
+
+def test_missing_file_in_a_submission(tmp_path):
+    (tmp_path / "embeddings.py").write_text("")
+    result = run_check("layernorm.LayerNorm", load_submission_package(tmp_path))
+    assert "layernorm.py is missing" in result.feedback
