@@ -85,7 +85,16 @@ def run_check(check_id: str, package: str | None = None) -> CheckResult:
     except ImportError as error:
         verdict = Verdict(False, str(error))
     else:
-        verdict = judge_implementation(check, implementation)
+        try:
+            _ = check.cases  # built by the course, not the learner: a failure here is ours
+        except Exception as error:
+            verdict = Verdict(
+                False,
+                "the check could not prepare its inputs (a problem in the course, not in your "
+                f"code; please report it): {describe_exception(error)}",
+            )
+        else:
+            verdict = judge_implementation(check, implementation)
     return result_of(check, verdict, time.perf_counter() - start)
 
 
