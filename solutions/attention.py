@@ -31,21 +31,24 @@ class MultiHeadAttention(nn.Module):
     def apply_causal_mask(
         self, scores: Float[Tensor, "batch n_heads query_pos key_pos"]
     ) -> Float[Tensor, "batch n_heads query_pos key_pos"]:
-        """Hide every key that comes after its query."""
+        """Hide every key that comes after its query (a new tensor; scores is unchanged)."""
         q_len, k_len = scores.shape[-2:]
-        # With a cache of earlier keys, query i sits at absolute position i + (k_len - q_len).
-        future = torch.triu(
-            torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device), diagonal=k_len - q_len + 1
-        )
+        # With a cache of k_len - q_len earlier keys, query i sits at position i + k_len - q_len.
+        ones = torch.ones(q_len, k_len, dtype=torch.bool, device=scores.device)
+        future = torch.triu(ones, diagonal=k_len - q_len + 1)
         return scores.masked_fill(future, self.IGNORE)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        q = einops.einsum(x, self.W_Q, "b pos d_model, heads d_model d_head -> b pos heads d_head") + self.b_Q
-        k = einops.einsum(x, self.W_K, "b pos d_model, heads d_model d_head -> b pos heads d_head") + self.b_K
-        v = einops.einsum(x, self.W_V, "b pos d_model, heads d_model d_head -> b pos heads d_head") + self.b_V
-        scores = einops.einsum(q, k, "b q_pos heads d_head, b k_pos heads d_head -> b heads q_pos k_pos")
+        def per_head(W: Tensor, b: Tensor) -> Float[Tensor, "batch pos heads d_head"]:
+            out = einops.einsum(x, W, "b pos d_model, heads d_model d_head -> b pos heads d_head")
+            return out + b
+
+        q = per_head(self.W_Q, self.b_Q)
+        k = per_head(self.W_K, self.b_K)
+        v = per_head(self.W_V, self.b_V)
+        scores = einops.einsum(q, k, "b q heads d_head, b k heads d_head -> b heads q k")
         pattern = self.apply_causal_mask(scores / self.cfg.d_head**0.5).softmax(dim=-1)
-        z = einops.einsum(pattern, v, "b heads q_pos k_pos, b k_pos heads d_head -> b q_pos heads d_head")
+        z = einops.einsum(pattern, v, "b heads q k, b k heads d_head -> b q heads d_head")
         # Each head writes through its own slice of W_O; summing over heads merges them.
-        out = einops.einsum(z, self.W_O, "b pos heads d_head, heads d_head d_model -> b pos d_model")
+        out = einops.einsum(z, self.W_O, "b q heads d_head, heads d_head d_model -> b q d_model")
         return out + self.b_O

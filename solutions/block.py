@@ -8,7 +8,7 @@ from gpt2_course.config import TransformerConfig
 
 
 class TransformerBlock(nn.Module):
-    """Attention then MLP, each reading a normalised copy of the residual stream and adding back to it."""
+    """Attention then MLP: each reads a normalised copy of the residual stream and adds to it."""
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -19,6 +19,8 @@ class TransformerBlock(nn.Module):
         self.ln2 = parts.LayerNorm(cfg)
         self.mlp = parts.MLP(cfg)
 
-    def forward(self, resid_pre: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
+    def forward(
+        self, resid_pre: Float[Tensor, "batch pos d_model"]
+    ) -> Float[Tensor, "batch pos d_model"]:
         resid_mid = resid_pre + self.attn(self.ln1(resid_pre))
         return resid_mid + self.mlp(self.ln2(resid_mid))

@@ -31,4 +31,5 @@ class MLP(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         pre = einops.einsum(x, self.W_in, "b pos d_model, d_model d_mlp -> b pos d_mlp") + self.b_in
         post = gelu_new(pre)
-        return einops.einsum(post, self.W_out, "b pos d_mlp, d_mlp d_model -> b pos d_model") + self.b_out
+        out = einops.einsum(post, self.W_out, "b pos d_mlp, d_mlp d_model -> b pos d_model")
+        return out + self.b_out
