@@ -27,7 +27,7 @@ test-unit:
 
 # The notebooks run top to bottom on the reference solutions, offline.
 test-notebooks:
-	$(OFFLINE) GPT2_COURSE_SOLUTIONS=1 MPLBACKEND=Agg $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks
+	$(OFFLINE) GPT2_COURSE_SOLUTIONS=1 GPT2_COURSE_QUICK=1 MPLBACKEND=Agg $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks
 
 lint: setup
 	$(BIN)/ruff check gpt2_course solutions tests benchmarks

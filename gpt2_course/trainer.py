@@ -1,0 +1,861 @@
+"""Train a small GPT: the course's training loop, checkpoints, and `gpt2-course train`.
+
+The model is your `Transformer`, built from your components through `gpt2_course.parts`
+(or the reference solutions where you chose them), and so are the loss, the optimizer
+and the learning-rate schedule (`next_token_loss`, `configure_optimizer`, `lr_at_step`).
+
+Checkpoints (what notebook 07 loads, by default from `checkpoints/tiny-gpt/` at the
+root of the course checkout):
+
+    model.safetensors   the model's parameters by their TransformerLens names
+    optimizer.pt        AdamW's state (torch.save), so that a resumed run continues exactly
+    config.json         {"format": "gpt2-course-checkpoint", "version": 1, "step": ...,
+                         "model_config": {...TransformerConfig...}, "train_config": {...},
+                         "history": [...], "baselines": {...}, "data": {...},
+                         "sha256": {"model.safetensors": ..., "optimizer.pt": ...}}
+
+Each file is written to a temporary file and moved into place with `os.replace`;
+config.json goes last and records the other files' hashes, so a checkpoint is
+either complete or refused with a clear message. Ctrl-C while training keeps the
+last checkpoint (and never interrupts one being written).
+
+Load one with `model, cfg, meta = load_checkpoint("checkpoints/tiny-gpt")`.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gpt2_course import parts
+from gpt2_course.config import TransformerConfig
+
+CHECKPOINT_FORMAT = "gpt2-course-checkpoint"
+CHECKPOINT_VERSION = 1
+MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE = "model.safetensors", "optimizer.pt", "config.json"
+
+# Model sizes. The vocabulary stays GPT-2's 50257 tokens, and its embedding and
+# unembedding dominate both the parameter count and the compute of a model this small.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(d_model=64, n_layers=2, n_heads=4, d_head=16, d_mlp=256, n_ctx=64),
+    "small": dict(d_model=128, n_layers=4, n_heads=4, d_head=32, d_mlp=512, n_ctx=128),
+    "medium": dict(d_model=256, n_layers=6, n_heads=8, d_head=32, d_mlp=1024, n_ctx=256),
+}
+
+
+class TrainingError(RuntimeError):
+    """Training cannot start or go on; the message says why and what to do."""
+
+
+class CheckpointError(TrainingError):
+    """A checkpoint is missing, damaged, or does not fit the model asked for."""
+
+
+def model_config(preset: str = "tiny", **overrides: int) -> TransformerConfig:
+    """A `TransformerConfig` from a preset, with any field overridden (d_head follows n_heads)."""
+    if preset not in PRESETS:
+        raise TrainingError(f"unknown model size {preset!r}; choose one of {', '.join(PRESETS)}")
+    fields = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    if "d_head" not in overrides or overrides["d_head"] is None:
+        if fields["d_model"] % fields["n_heads"]:
+            raise TrainingError(
+                f"d_model={fields['d_model']} is not divisible by n_heads={fields['n_heads']}"
+            )
+        fields["d_head"] = fields["d_model"] // fields["n_heads"]
+    if "d_mlp" not in overrides or overrides["d_mlp"] is None:
+        fields["d_mlp"] = 4 * fields["d_model"]
+    return TransformerConfig(**fields)
+
+
+def default_checkpoint_dir() -> Path:
+    """`checkpoints/tiny-gpt` at the root of the course checkout (or in the course cache)."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "notebooks").is_dir() and os.access(root, os.W_OK):
+        return root / "checkpoints" / "tiny-gpt"
+    from gpt2_course.tokenizer import cache_dir
+
+    return cache_dir() / "checkpoints" / "tiny-gpt"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved with every checkpoint)."""
+
+    model: TransformerConfig = field(default_factory=model_config)
+    data: str = "auto"  # "auto", "tinystories", "builtin", or a path / glob of .txt files
+    steps: int = 1000
+    batch_size: int = 8
+    max_lr: float = 1e-2
+    min_lr: float | None = None  # default: max_lr / 10
+    warmup_steps: int | None = None  # default: 5% of the steps
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_interval: int = 100
+    eval_windows: int = 64  # validation (and training) windows each evaluation uses
+    sample_interval: int | None = None  # default: halfway; 0: no samples
+    sample_tokens: int = 30
+    temperature: float = 0.8
+    init_output_bias: bool = True  # start b_U at the unigram log-frequencies
+    val_fraction: float = 0.1
+    seed: int = 0
+    out_dir: str | None = None  # default: default_checkpoint_dir()
+    save: bool = True
+    device: str | None = None  # default: cuda, then mps, else cpu
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = TransformerConfig(**self.model)
+        self.min_lr = self.max_lr / 10 if self.min_lr is None else self.min_lr
+        if self.warmup_steps is None:
+            self.warmup_steps = max(1, self.steps // 20)
+        if self.sample_interval is None:
+            self.sample_interval = max(1, self.steps // 2)
+        problems = [
+            f"{name} must be positive, got {value}"
+            for name, value in [
+                ("steps", self.steps),
+                ("batch_size", self.batch_size),
+                ("max_lr", self.max_lr),
+                ("eval_interval", self.eval_interval),
+                ("eval_windows", self.eval_windows),
+            ]
+            if not value > 0
+        ]
+        if self.warmup_steps < 0 or self.min_lr < 0 or self.weight_decay < 0:
+            problems.append("warmup_steps, min_lr and weight_decay cannot be negative")
+        if problems:
+            raise TrainingError("; ".join(problems))
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.out_dir) if self.out_dir else default_checkpoint_dir()
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def quick_mode() -> bool:
+    """True for the short CI run: GPT2_COURSE_QUICK=1, or CI=true with the solutions."""
+    truthy = {"1", "true", "yes", "on"}
+    if os.environ.get("GPT2_COURSE_QUICK", "").strip().lower() in truthy:
+        return True
+    ci = os.environ.get("CI", "").strip().lower() in truthy
+    return ci and parts.solutions_everywhere()
+
+
+def notebook_config(**overrides: Any) -> TrainConfig:
+    """The run notebook 06 makes: about 10 minutes on a 2-core CPU; 2 minutes in quick mode."""
+    if quick_mode():
+        settings: dict[str, Any] = dict(steps=60, eval_interval=20, eval_windows=32)
+    else:
+        settings = dict(steps=1000, eval_interval=100)
+    return TrainConfig(**{**settings, **overrides})
+
+
+# ------------------------------------------------------------------ the parts
+
+
+def _part(name: str) -> Callable[..., Any]:
+    """The implementation the course uses now, or a TrainingError that says what is missing."""
+    try:
+        return parts.get(name)
+    except (ImportError, AttributeError) as error:
+        raise TrainingError(
+            f"{name} cannot be used ({error}).\n"
+            f"Write it, or train with the reference version: parts.use_solution({name!r})"
+        ) from None
+
+
+def _not_implemented(name: str, error: NotImplementedError) -> TrainingError:
+    # The stubs say "<Name>[.method]: write it in gpt2_course/exercises/<module>.py".
+    found = re.search(r"(\w+)(?:\.\w+)?: write it in gpt2_course/exercises/(\w+)\.py", str(error))
+    component = f"{found[2]}.{found[1]}" if found else name
+    if component not in parts.COMPONENTS:
+        component = name
+    return TrainingError(
+        f"not implemented yet: {error}\n"
+        f"Finish it, or train with the reference version: parts.use_solution({component!r})"
+    )
+
+
+@contextlib.contextmanager
+def _clear_errors(name: str) -> Iterator[None]:
+    """Turn a NotImplementedError from a stub into one clear message."""
+    try:
+        yield
+    except NotImplementedError as error:
+        raise _not_implemented(name, error) from None
+
+
+def build_model(cfg: TransformerConfig, seed: int) -> nn.Module:
+    """Your Transformer (or the reference one), with its weights initialised from `seed`."""
+    with torch.random.fork_rng(devices=[]), _clear_errors("transformer.Transformer"):
+        torch.manual_seed(seed)
+        return _part("transformer.Transformer")(cfg)
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name:
+        return torch.device(name)
+    from gpt2_course.notebook import device
+
+    return device()
+
+
+# ------------------------------------------------------------------ sampling (tiny helper)
+
+
+@torch.no_grad()
+def sample_text(
+    model: nn.Module,
+    prompt: str,
+    n_tokens: int = 30,
+    temperature: float = 0.8,
+    seed: int = 0,
+) -> str:
+    """Continue `prompt` by `n_tokens` sampled tokens (temperature 0: greedy).
+
+    A deliberately small sampler, enough to watch training; notebook 07 builds the
+    real one (top-k, top-p, penalties, beam search).
+    """
+    from gpt2_course.tokenizer import get_tokenizer
+
+    tokenizer = get_tokenizer()
+    device = next(model.parameters()).device
+    tokens = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    n_ctx = model.cfg.n_ctx if hasattr(model, "cfg") else tokens.shape[1] + n_tokens
+    for _ in range(n_tokens):
+        logits = model(tokens[:, -n_ctx:])[0, -1].float().cpu()
+        if temperature == 0:
+            next_token = logits.argmax()
+        else:
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_token = torch.multinomial(probs, 1, generator=generator)[0]
+        tokens = torch.cat([tokens, next_token.view(1, 1).to(device)], dim=1)
+    model.train(was_training)
+    return tokenizer.decode(tokens[0].tolist())
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _no_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done (a checkpoint is never half-written)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda *args: caught.append(args))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a checkpoint is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(
+    out_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    meta: dict[str, Any],
+    cfg: TransformerConfig | None = None,
+) -> Path:
+    """Write model.safetensors, optimizer.pt and config.json into `out_dir`, atomically each."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().cpu().contiguous() for name, t in model.state_dict().items()}
+    with _no_interrupts():
+        _write_atomically(out / MODEL_FILE, lambda p: save_file(tensors, str(p)))
+        hashes = {MODEL_FILE: _sha256(out / MODEL_FILE)}
+        if optimizer is not None:
+            _write_atomically(out / OPTIMIZER_FILE, lambda p: torch.save(optimizer.state_dict(), p))
+            hashes[OPTIMIZER_FILE] = _sha256(out / OPTIMIZER_FILE)
+        document = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "model_config": dataclasses.asdict(cfg or model.cfg),
+            **meta,
+            "sha256": hashes,
+        }
+        text = json.dumps(document, indent=1)
+        _write_atomically(out / CONFIG_FILE, lambda p: p.write_text(text, encoding="utf-8"))
+    return out
+
+
+def _checkpoint_dir(path: str | Path) -> Path:
+    path = Path(path)
+    return path.parent if path.name in (MODEL_FILE, OPTIMIZER_FILE, CONFIG_FILE) else path
+
+
+def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's config.json, validated (format, version, files present, hashes)."""
+    folder = _checkpoint_dir(path)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"no checkpoint in {folder} ({CONFIG_FILE} is missing). Train one first: "
+            "run notebook 06 or `gpt2-course train`."
+        )
+    try:
+        meta = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path} is damaged (not valid JSON: {error})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{config_path} is not a gpt2-course checkpoint")
+    if meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{config_path} has checkpoint version {meta.get('version')}; "
+            f"this course reads version {CHECKPOINT_VERSION}"
+        )
+    for name, expected in meta.get("sha256", {}).items():
+        file = folder / name
+        if not file.is_file():
+            raise CheckpointError(f"the checkpoint in {folder} is incomplete: {name} is missing")
+        if _sha256(file) != expected:
+            raise CheckpointError(
+                f"{file} does not match its checkpoint's {CONFIG_FILE} (damaged, or the save was "
+                "killed half-way). Delete the folder and train again, or use another checkpoint."
+            )
+    try:
+        TransformerConfig(**meta["model_config"])
+    except (KeyError, TypeError) as error:
+        raise CheckpointError(f"{config_path} has no valid model_config ({error})") from None
+    return meta
+
+
+def _load_weights(model: nn.Module, folder: Path) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(folder / MODEL_FILE))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"{folder / MODEL_FILE} cannot be read ({error})") from None
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    unexpected = sorted(set(tensors) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"the checkpoint's parameters do not fit this model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}. Keep the parameter names of the stubs."
+        )
+    for name, tensor in tensors.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise CheckpointError(
+                f"{name} has shape {list(tensor.shape)} in the checkpoint and "
+                f"{list(own[name].shape)} in the model"
+            )
+    model.load_state_dict(tensors)
+
+
+def load_checkpoint(
+    path: str | Path | None = None, *, device: str | torch.device | None = "cpu"
+) -> tuple[nn.Module, TransformerConfig, dict[str, Any]]:
+    """(model, config, meta) from a checkpoint folder (default: default_checkpoint_dir()).
+
+    The model is your `Transformer` (through `gpt2_course.parts`), in eval mode.
+    """
+    folder = _checkpoint_dir(path if path is not None else default_checkpoint_dir())
+    meta = read_checkpoint_meta(folder)
+    cfg = TransformerConfig(**meta["model_config"])
+    model = build_model(cfg, seed=0)
+    _load_weights(model, folder)
+    model.to(device or "cpu").eval()
+    return model, cfg, meta
+
+
+# ------------------------------------------------------------------ training
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    config: TrainConfig
+    history: list[dict[str, float]]  # one row per evaluation
+    losses: list[float]  # the training loss of every step's batch
+    baselines: dict[str, float]
+    samples: list[dict[str, Any]]  # {"step": ..., "text": ...}
+    step: int
+    seconds: float  # wall time of this call's training loop, evaluations included
+    tokens_per_second: float  # training tokens / time spent in training steps
+    data_summary: str
+    checkpoint: Path | None
+    interrupted: bool = False
+
+    @property
+    def final(self) -> dict[str, float]:
+        return self.history[-1] if self.history else {}
+
+    def table(self) -> str:
+        """Final losses against the baselines, as text."""
+        rows = [("model, training windows", self.final.get("train_loss", math.nan))]
+        rows.append(("model, validation windows", self.final.get("val_loss", math.nan)))
+        rows += [(f"{name} baseline (validation)", value) for name, value in self.baselines.items()]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"{'':<{width}}  loss (nats/token)"]
+        lines += [f"{name:<{width}}  {value:8.3f}" for name, value in rows]
+        return "\n".join(lines)
+
+
+def _batch(train: Tensor, batch_size: int, seed: int, step: int) -> Tensor:
+    """The windows of step `step`: a function of (seed, step) alone, so a resumed run
+    draws exactly the batches the uninterrupted one would have."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return train[torch.randint(0, len(train), (batch_size,), generator=generator)]
+
+
+def spread_windows(windows: Tensor, n: int) -> Tensor:
+    """`n` windows evenly spread over the split (the first n would come from one or two
+    documents only): the same ones every time."""
+    if n >= len(windows):
+        return windows
+    return windows[torch.linspace(0, len(windows) - 1, n).round().long()]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, windows: Tensor, loss_fn: Callable, batch_size: int = 16) -> float:
+    """Mean next-token loss over `windows` (each window weighs the same)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for start in range(0, len(windows), batch_size):
+        chunk = windows[start : start + batch_size].to(device)
+        total += float(loss_fn(model(chunk), chunk)) * len(chunk)
+    model.train(was_training)
+    return total / len(windows)
+
+
+def _prompt(source: str) -> str:
+    return "Once upon a time" if source == "tinystories" else "The"
+
+
+def train(
+    config: TrainConfig | None = None,
+    *,
+    data: Any = None,
+    resume: bool = False,
+    progress: bool = True,
+    verbose: bool = True,
+) -> TrainResult:
+    """Train a GPT as `config` says; return the model, its history and the baselines.
+
+    `data`: a `gpt2_course.data.TokenData` to reuse (else it is loaded from config.data).
+    `resume`: continue from the checkpoint in config.out_dir when there is one.
+    """
+    from tqdm.auto import tqdm
+
+    from gpt2_course.data import baselines, load_data, unigram_log_probs
+
+    config = config or TrainConfig()
+
+    def say(message: str) -> None:
+        if verbose:
+            tqdm.write(message)  # prints above the progress bar, not through it
+
+    cfg = config.model
+    if data is None:
+        data = load_data(
+            config.data,
+            seq_len=cfg.n_ctx,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+            verbose=verbose,
+        )
+    if data.seq_len > cfg.n_ctx:
+        raise TrainingError(f"windows of {data.seq_len} tokens do not fit n_ctx={cfg.n_ctx}")
+    device = pick_device(config.device)
+    loss_fn = _part("training.next_token_loss")
+    lr_at_step = _part("training.lr_at_step")
+
+    def lr(step: int) -> float:
+        with _clear_errors("training.lr_at_step"):
+            return float(
+                lr_at_step(
+                    step,
+                    max_lr=config.max_lr,
+                    min_lr=config.min_lr,
+                    warmup_steps=config.warmup_steps,
+                    total_steps=config.steps,
+                )
+            )
+
+    # The same windows for every evaluation, and for the baselines.
+    val_windows = spread_windows(data.val, config.eval_windows)
+    train_windows = spread_windows(data.train, config.eval_windows)
+    base = baselines(data.train, val_windows, cfg.d_vocab)
+    base_dict = base.as_dict()
+
+    model = build_model(cfg, config.seed)
+    if config.init_output_bias and hasattr(model, "unembed") and hasattr(model.unembed, "b_U"):
+        # Start from the unigram model: the first steps need not learn token frequencies.
+        with torch.no_grad():
+            model.unembed.b_U.copy_(unigram_log_probs(data.train, cfg.d_vocab, base.unigram_k))
+    model.to(device)
+    with _clear_errors("training.configure_optimizer"):
+        optimizer = _part("training.configure_optimizer")(model, config.max_lr, config.weight_decay)
+
+    out_dir = config.checkpoint_dir
+    step, history, losses, samples = 0, [], [], []
+    if resume and (out_dir / CONFIG_FILE).exists():
+        meta = read_checkpoint_meta(out_dir)
+        saved = TransformerConfig(**meta["model_config"])
+        if saved != cfg:
+            raise CheckpointError(
+                f"the checkpoint in {out_dir} is a different model: {_config_diff(saved, cfg)}. "
+                "Resume with the same model size, or train into another folder."
+            )
+        _load_weights(model, out_dir)
+        if (out_dir / OPTIMIZER_FILE).is_file():
+            try:
+                state = torch.load(out_dir / OPTIMIZER_FILE, map_location=device, weights_only=True)
+                optimizer.load_state_dict(state)
+            except Exception as error:
+                raise CheckpointError(
+                    f"{out_dir / OPTIMIZER_FILE} cannot be loaded ({error})"
+                ) from None
+        step = int(meta["step"])
+        history, losses, samples = (
+            meta.get("history", []),
+            meta.get("losses", []),
+            meta.get("samples", []),
+        )
+        if meta.get("data", {}).get("description") != data.description:
+            say(f"Note: the checkpoint was trained on {meta.get('data', {}).get('description')}.")
+        say(f"Resuming from step {step} of {config.steps} ({out_dir}).")
+    elif resume:
+        say(f"No checkpoint in {out_dir} yet: starting from scratch.")
+    elif config.save and (out_dir / CONFIG_FILE).exists():
+        say(
+            f"Starting afresh: the checkpoint in {out_dir} will be replaced "
+            "(resume=True continues it)."
+        )
+
+    def meta_now() -> dict[str, Any]:
+        return {
+            "step": step,
+            "train_config": config.to_json(),
+            "history": history,
+            "losses": losses,
+            "samples": samples,
+            "baselines": base_dict,
+            "data": {
+                "source": data.source,
+                "description": data.description,
+                "tokens": data.n_tokens,
+            },
+        }
+
+    prompt = _prompt(data.source)
+
+    def record_sample() -> None:
+        if not config.sample_interval:
+            return
+        text = sample_text(
+            model, prompt, config.sample_tokens, config.temperature, seed=config.seed
+        )
+        samples.append({"step": step, "text": text})
+        say(f"[sample at step {step}] {text!r}")
+
+    def record_eval() -> None:
+        with _clear_errors("training.next_token_loss"):
+            row = {
+                "step": step,
+                "tokens": step * config.batch_size * data.seq_len,
+                "train_loss": evaluate(model, train_windows, loss_fn),
+                "val_loss": evaluate(model, val_windows, loss_fn),
+                "lr": lr(step),
+            }
+        history.append(row)
+        if step:
+            say(
+                f"step {step:>5}: loss on training windows {row['train_loss']:.3f}, "
+                f"on validation windows {row['val_loss']:.3f} (lr {row['lr']:.2e})"
+            )
+
+    say(
+        f"Model: {_describe(model, cfg)} on {device}. Baselines on the validation windows: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in base_dict.items())
+    )
+    interrupted = False
+    train_seconds = 0.0
+    trained_tokens = 0
+    start = time.perf_counter()
+    if step == 0:
+        record_eval()
+        record_sample()
+    bar = tqdm(
+        total=config.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True
+    )
+    try:
+        while step < config.steps:
+            t0 = time.perf_counter()
+            current_lr = lr(step)
+            for group in optimizer.param_groups:
+                group["lr"] = current_lr
+            batch = _batch(data.train, config.batch_size, config.seed, step).to(device)
+            with _clear_errors("training.next_token_loss"):
+                loss = loss_fn(model(batch), batch)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at step {step}: lower the learning rate "
+                    f"(now {current_lr:.3g}) or check your components"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            step += 1
+            losses.append(round(loss.item(), 5))
+            train_seconds += time.perf_counter() - t0
+            trained_tokens += batch.numel()
+            tokens_per_second = trained_tokens / train_seconds
+            if step % config.eval_interval == 0 or step == config.steps:
+                record_eval()
+                if config.save:
+                    save_checkpoint(out_dir, model, optimizer, meta_now(), cfg)
+            if config.sample_interval and (
+                step % config.sample_interval == 0 or step == config.steps
+            ):
+                if not samples or samples[-1]["step"] != step:
+                    record_sample()
+            postfix = {"loss": f"{losses[-1]:.3f}", "tok/s": f"{tokens_per_second:.0f}"}
+            if history:
+                postfix["val"] = f"{history[-1]['val_loss']:.3f}"
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+        saved = read_checkpoint_meta(out_dir)["step"] if (out_dir / CONFIG_FILE).exists() else None
+        where = (
+            f"the checkpoint of step {saved} is in {out_dir}"
+            if saved is not None
+            else "no checkpoint yet"
+        )
+        say(f"\nInterrupted at step {step}: {where}. Resume with resume=True (or --resume).")
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    return TrainResult(
+        model=model,
+        config=config,
+        history=history,
+        losses=losses,
+        baselines=base_dict,
+        samples=samples,
+        step=step,
+        seconds=seconds,
+        tokens_per_second=trained_tokens / train_seconds if train_seconds else 0.0,
+        data_summary=data.summary(),
+        checkpoint=out_dir if config.save and (out_dir / CONFIG_FILE).exists() else None,
+        interrupted=interrupted,
+    )
+
+
+def _config_diff(saved: TransformerConfig, wanted: TransformerConfig) -> str:
+    diffs = [
+        f"{f.name}={getattr(saved, f.name)} there, {getattr(wanted, f.name)} here"
+        for f in dataclasses.fields(TransformerConfig)
+        if getattr(saved, f.name) != getattr(wanted, f.name)
+    ]
+    return "; ".join(diffs)
+
+
+def _describe(model: nn.Module, cfg: TransformerConfig) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    emb = cfg.d_vocab * cfg.d_model
+    return (
+        f"{n / 1e6:.1f}M parameters ({2 * emb / 1e6:.1f}M in the embedding and unembedding), "
+        f"d_model={cfg.d_model}, n_layers={cfg.n_layers}, n_heads={cfg.n_heads}, n_ctx={cfg.n_ctx}"
+    )
+
+
+# ------------------------------------------------------------------ pictures
+
+
+def plot_history(result: TrainResult, ax: Any = None, smooth: int = 20) -> Any:
+    """Training and validation loss against tokens seen, with the baselines as lines."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 4.5))
+    per_step = result.config.batch_size * result.config.model.n_ctx
+    losses = torch.tensor(result.losses)
+    if len(losses):
+        steps = torch.arange(1, len(losses) + 1)
+        ax.plot(steps * per_step, losses, color="tab:blue", alpha=0.2, lw=0.8)
+        if len(losses) >= smooth:
+            kernel = torch.ones(smooth) / smooth
+            smoothed = torch.conv1d(losses.view(1, 1, -1), kernel.view(1, 1, -1))[0, 0]
+            ax.plot(
+                steps[smooth - 1 :] * per_step, smoothed, color="tab:blue", label="training batches"
+            )
+    if result.history:
+        tokens = [row["tokens"] for row in result.history]
+        ax.plot(
+            tokens,
+            [r["train_loss"] for r in result.history],
+            "o-",
+            color="tab:cyan",
+            ms=4,
+            label="training windows (eval)",
+        )
+        ax.plot(
+            tokens,
+            [r["val_loss"] for r in result.history],
+            "o-",
+            color="tab:orange",
+            ms=4,
+            label="validation windows",
+        )
+    styles = {"uniform": "tab:gray", "unigram": "tab:purple", "bigram": "tab:red"}
+    for name, value in result.baselines.items():
+        ax.axhline(
+            value, ls="--", lw=1, color=styles.get(name, "k"), label=f"{name} baseline {value:.2f}"
+        )
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylim(top=result.baselines.get("uniform", 11) + 0.5)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return ax
+
+
+# ------------------------------------------------------------------ the CLI
+
+
+def add_cli(subparsers: Any) -> None:
+    """Register `gpt2-course train`."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a small GPT on real text (your components, or --solutions)",
+        description="Train a small GPT with your components and save a checkpoint.",
+    )
+    p.add_argument(
+        "--model", default="tiny", choices=list(PRESETS), help="model size preset (default tiny)"
+    )
+    for name in ("d-model", "n-layers", "n-heads", "n-ctx"):
+        p.add_argument(
+            f"--{name}", type=int, help=f"override the preset's {name.replace('-', '_')}"
+        )
+    p.add_argument("--steps", type=int, help="training steps (default 1000; 60 with --quick)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
+    p.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the steps)")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument(
+        "--data",
+        default="auto",
+        help="auto (TinyStories if online, else builtin), tinystories, builtin, or .txt files",
+    )
+    p.add_argument("--out", help=f"checkpoint folder (default {default_checkpoint_dir()})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-interval", type=int, help="steps between evaluations (and checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument(
+        "--quick", action="store_true", help="the short CI run (also GPT2_COURSE_QUICK=1)"
+    )
+    p.add_argument(
+        "--solutions", action="store_true", help="use the reference solutions for every part"
+    )
+    p.add_argument("--device", help="cpu, cuda or mps (default: the fastest here)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_train_command)
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    if args.quick:
+        os.environ["GPT2_COURSE_QUICK"] = "1"
+    try:
+        cfg = model_config(
+            args.model,
+            d_model=args.d_model,
+            n_layers=args.n_layers,
+            n_heads=args.n_heads,
+            n_ctx=args.n_ctx,
+        )
+        overrides: dict[str, Any] = dict(
+            model=cfg,
+            data=args.data,
+            batch_size=args.batch_size,
+            max_lr=args.lr,
+            weight_decay=args.weight_decay,
+            seed=args.seed,
+            out_dir=args.out,
+            device=args.device,
+        )
+        for key, value in [
+            ("steps", args.steps),
+            ("warmup_steps", args.warmup),
+            ("eval_interval", args.eval_interval),
+        ]:
+            if value is not None:
+                overrides[key] = value
+        config = notebook_config(**overrides)
+        package = parts.SOLUTIONS if args.solutions else parts.default_package()
+        with parts.using(package):
+            whose = "the reference solutions" if package == parts.SOLUTIONS else "your code"
+            print(f"Training with {whose}.")
+            result = train(config, resume=args.resume, progress=not args.no_progress)
+    except (TrainingError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(result.table())
+    speed = f"{result.tokens_per_second:.0f} training tokens/s"
+    print(f"{result.step} steps in {result.seconds:.0f} s, {speed}")
+    if result.checkpoint:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        ax = plot_history(result)
+        ax.figure.savefig(result.checkpoint / "loss.png", dpi=120, bbox_inches="tight")
+        plt.close(ax.figure)
+        print(f"Checkpoint and loss curve: {result.checkpoint}")
+    return 130 if result.interrupted else 0
