@@ -43,6 +43,9 @@ COMPONENTS = [
     "sampling.sample_next_token",
     "sampling.generate",
     "sampling.beam_search",
+    "kv_cache.KVCache",
+    "kv_cache.forward_with_cache",
+    "kv_cache.generate_with_cache",
 ]
 _BY_NAME = {component.split(".")[1]: component for component in COMPONENTS}
 

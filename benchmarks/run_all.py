@@ -1,0 +1,50 @@
+"""Every benchmark in one command, one after the other, on the same machine in one process.
+
+    .venv/bin/python -m benchmarks.run_all              # the full suite (minutes on a laptop CPU)
+    .venv/bin/python -m benchmarks.run_all --quick      # smaller sizes, to see that it all runs
+    .venv/bin/python -m benchmarks --threads 4          # the same
+
+It ends with one table: every ratio, its goal, and whether it was met.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+if not __package__:  # run as a script: make `benchmarks` and `solutions` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import forward_throughput, generation
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--quick", action="store_true", help="small sizes and few repeats")
+    args = parser.parse_args(argv)
+    threads = [] if args.threads is None else ["--threads", str(args.threads)]
+
+    forward_args = ["--batch", "1", "--seq", "64", "--repeats", "3"] if args.quick else []
+    generation_args = ["--new-tokens", "32", "--repeats", "2"] if args.quick else []
+
+    print("=" * 72 + "\nforward throughput (benchmarks/forward_throughput.py)\n" + "=" * 72)
+    ratios = {"forward_vs_hf": forward_throughput.main(threads + forward_args)}
+    print("\n" + "=" * 72 + "\ngeneration (benchmarks/generation.py)\n" + "=" * 72)
+    ratios |= generation.main(threads + generation_args)
+
+    goals = {
+        "forward_vs_hf": ("forward tokens/s, ours / Hugging Face", forward_throughput.GOAL),
+        "generation_vs_hf": ("cached generation, ours / Hugging Face", generation.HF_GOAL),
+        "cached_vs_uncached": ("generation, ours cached / uncached", generation.CACHE_GOAL),
+    }
+    print(
+        "\n" + "=" * 72 + "\nsummary" + (" (--quick sizes)" if args.quick else "") + "\n" + "=" * 72
+    )
+    for key, (what, goal) in goals.items():
+        verdict = "met" if ratios[key] >= goal else "NOT met"
+        print(f"{what:<44} {ratios[key]:8.2f}   goal >= {goal:<4g} {verdict}")
+    return ratios
+
+
+if __name__ == "__main__":
+    main()
