@@ -17,8 +17,7 @@ class LayerNorm(nn.Module):
         self.b = nn.Parameter(torch.zeros(cfg.d_model))
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        centred = x - x.mean(dim=-1, keepdim=True)
-        # Biased variance (divide by d_model), with epsilon inside the square root.
-        variance = centred.pow(2).mean(dim=-1, keepdim=True)
-        normalised = centred / torch.sqrt(variance + self.cfg.layer_norm_eps)
+        # Biased variance (divide by d_model, correction=0), epsilon inside the square root.
+        variance, mean = torch.var_mean(x, dim=-1, keepdim=True, correction=0)
+        normalised = (x - mean) / torch.sqrt(variance + self.cfg.layer_norm_eps)
         return normalised * self.w + self.b
