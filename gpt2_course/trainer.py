@@ -629,7 +629,12 @@ def train(
         record_eval()
         record_sample()
     bar = tqdm(
-        total=config.steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True
+        total=config.steps,
+        initial=step,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
     )
     try:
         while step < config.steps:
@@ -760,7 +765,8 @@ def plot_history(result: TrainResult, ax: Any = None, smooth: int = 20) -> Any:
         )
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel("loss (nats per token)")
-    ax.set_ylim(top=result.baselines.get("uniform", 11) + 0.5)
+    highest = max([result.baselines.get("uniform", 11.0)] + [r["val_loss"] for r in result.history])
+    ax.set_ylim(top=highest + 0.5)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return ax
