@@ -6,9 +6,11 @@ Where the text comes from (`data=`):
   Hugging Face Hub): short stories in simple English, written so that models of a few
   million parameters can learn fluent grammar. The online default.
 * ``"builtin"``: English prose already on every machine with Python: the language
-  reference's topics that ship with CPython (`pydoc_data`, what `help("for")` shows)
-  and the docstrings of the standard library. No network, no generated text. The
-  offline default, and what CI trains on.
+  reference that ships with CPython (`pydoc_data`, what `help("for")` shows), about
+  110,000 tokens. No network, no generated text. The offline default, and what CI
+  trains on. (Where a Python lacks `pydoc_data`, the standard library's docstrings.)
+* ``"builtin-large"``: the language reference and the docstrings of the standard
+  library, about 540,000 tokens: for longer runs.
 * a path, a glob or a folder of ``.txt`` files (or a list of them): your own text,
   one document per file.
 * ``"auto"``: TinyStories when the Hub answers within a few seconds, otherwise
@@ -45,7 +47,8 @@ from gpt2_course.tokenizer import END_OF_TEXT_ID, cache_dir, get_tokenizer
 TINYSTORIES = "roneneldan/TinyStories"
 TINYSTORIES_DOCUMENTS = 20_000  # about 4M tokens: more than a laptop trains on in an hour
 HUB_DEADLINE_SECONDS = 300.0  # give up on a download that stalls, and fall back
-BUILTIN_VERSION = 1  # bump when the builtin corpus changes, to refresh the cache
+BUILTIN = ("builtin", "builtin-large")
+BUILTIN_VERSION = 3  # bump when the builtin corpora change, to refresh the cache
 # Parts of the standard library whose docstrings are not prose (tests, demos, GUI glue).
 _SKIP_STDLIB = {
     "test",
@@ -112,24 +115,49 @@ def _module_docstrings(path: Path) -> str | None:
     return "\n\n".join(parts) or None
 
 
-def python_documentation(stdlib: str, python: str, version: int) -> Iterator[dict[str, str]]:
-    """The builtin corpus: CPython's language-reference topics, then stdlib docstrings.
+def _new_paragraphs(text: str, seen: set[str]) -> str:
+    """`text` without the paragraphs already seen in an earlier document.
 
-    The arguments only name what is read (and key the cache): `python` is sys.version.
+    The reference reuses whole sections across topics (the `if` statement appears under
+    "if" and under "compound"); left in, the same paragraph could land in both the
+    training and the validation split, and the validation loss would reward memorising.
     """
-    del python, version  # part of the cache key only
-    if importlib.util.find_spec("pydoc_data") is not None:
+    kept = []
+    for paragraph in text.split("\n\n"):
+        key = " ".join(paragraph.split())
+        if len(key) >= 40:  # short lines ("Note:", "Example:") may repeat freely
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(paragraph)
+    return "\n\n".join(kept).strip()
+
+
+def python_documentation(
+    stdlib: str, python: str, version: int, reference: bool = True, docstrings: bool = False
+) -> Iterator[dict[str, str]]:
+    """The builtin corpora: CPython's language-reference topics and/or stdlib docstrings,
+    each paragraph once.
+
+    `python` (sys.version) and `version` only key the cache.
+    """
+    del python, version
+    seen: set[str] = set()
+    if reference:
         from pydoc_data.topics import topics
 
         for name in sorted(topics):
-            yield {"text": topics[name].strip(), "name": f"pydoc:{name}"}
-    root = Path(stdlib)
-    for path in sorted(root.rglob("*.py")):
-        if _SKIP_STDLIB.intersection(path.relative_to(root).parts):
-            continue
-        text = _module_docstrings(path)
-        if text:
-            yield {"text": text, "name": f"stdlib:{path.relative_to(root).as_posix()}"}
+            text = _new_paragraphs(topics[name], seen)
+            if text:
+                yield {"text": text, "name": f"pydoc:{name}"}
+    if docstrings:
+        root = Path(stdlib)
+        for path in sorted(root.rglob("*.py")):
+            if _SKIP_STDLIB.intersection(path.relative_to(root).parts):
+                continue
+            text = _new_paragraphs(_module_docstrings(path) or "", seen)
+            if text:
+                yield {"text": text, "name": f"stdlib:{path.relative_to(root).as_posix()}"}
 
 
 def tinystories_documents(repo: str, count: int) -> Iterator[dict[str, str]]:
@@ -240,24 +268,29 @@ def documents(data: str | Path | Sequence[str | Path] = "auto", *, verbose: bool
             say(f"Could not load TinyStories ({type(error).__name__}: {error}).")
             say("Falling back to the builtin corpus: Python's own documentation.")
             data = "builtin"
-    if isinstance(data, str) and data == "builtin":
+    if isinstance(data, str) and data in BUILTIN:
+        has_reference = importlib.util.find_spec("pydoc_data") is not None
+        docstrings = data == "builtin-large" or not has_reference
         dataset = _from_generator(
             python_documentation,
             stdlib=sysconfig.get_paths()["stdlib"],
             python=sys.version,
             version=BUILTIN_VERSION,
+            reference=has_reference,
+            docstrings=docstrings,
         )
         if len(dataset) == 0:
             raise DataError(
                 "this Python installation ships no documentation to train on; "
                 "point to your own text instead (data='path/to/*.txt')"
             )
-        python = ".".join(map(str, sys.version_info[:3]))
-        return (
-            dataset,
-            "builtin",
-            f"Python {python}'s documentation (language reference + docstrings)",
+        what = " + ".join(
+            name
+            for name, used in [("language reference", has_reference), ("docstrings", docstrings)]
+            if used
         )
+        python = ".".join(map(str, sys.version_info[:3]))
+        return dataset, "builtin", f"Python {python}'s documentation ({what})"
     files = text_files(data)
     names = ", ".join(p.name for p in files[:3]) + (", ..." if len(files) > 3 else "")
     return _load_files(files), "files", f"your text files ({len(files)}: {names})"

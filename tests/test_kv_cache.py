@@ -1,5 +1,6 @@
 """The KV cache (solutions/kv_cache.py) and `gpt2-course generate`."""
 
+import copy
 import io
 
 import pytest
@@ -52,6 +53,19 @@ def test_cached_sampling_equals_uncached_with_the_same_seed(small):
     settings = {"temperature": 0.8, "top_p": 0.9, "frequency_penalty": 0.3, "seed": 3}
     assert torch.equal(
         generate_with_cache(small, tokens, 20, **settings), generate(small, tokens, 20, **settings)
+    )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cached_generation_on_cuda_equals_uncached(small):
+    model = copy.deepcopy(small).cuda()
+    tokens = random_prompts(3, 5, seed=4).cuda()
+    cached = generate_with_cache(model, tokens, 40, temperature=0)
+    assert cached.device.type == "cuda"
+    assert torch.equal(cached, generate(model, tokens, 40, temperature=0))
+    settings = {"temperature": 0.8, "top_k": 50, "seed": 3}
+    assert torch.equal(
+        generate_with_cache(model, tokens, 20, **settings), generate(model, tokens, 20, **settings)
     )
 
 

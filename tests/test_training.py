@@ -133,16 +133,27 @@ def test_builtin_corpus_is_python_documentation():
     import sys
     import sysconfig
 
-    docs = list(
-        itertools.islice(
-            data_module.python_documentation(sysconfig.get_paths()["stdlib"], sys.version, 1), 5
+    stdlib = sysconfig.get_paths()["stdlib"]
+    for kind in [dict(reference=True), dict(reference=False, docstrings=True)]:
+        docs = list(
+            itertools.islice(data_module.python_documentation(stdlib, sys.version, 1, **kind), 5)
         )
+        assert docs, f"no documentation found in this Python ({kind})"
+        text = " ".join(d["text"] for d in docs)
+        for word in (" the ", " is ", " of "):  # real English prose, not random tokens
+            assert word in text
+
+
+def test_repeated_paragraphs_are_kept_once():
+    seen: set[str] = set()
+    long_a = "The if statement is used for conditional execution of a suite."
+    long_b = "A while loop repeats a suite as long as an expression stays true."
+    first = data_module._new_paragraphs(f"{long_a}\n\nNote:\n\n{long_b}", seen)
+    second = data_module._new_paragraphs(
+        f"Note:\n\n{long_a}\n\nSomething new here, long enough.", seen
     )
-    assert docs, "no documentation found in this Python"
-    text = " ".join(d["text"] for d in docs)
-    # real English prose, not random tokens
-    for word in (" the ", " is ", " of "):
-        assert word in text
+    assert first == f"{long_a}\n\nNote:\n\n{long_b}"
+    assert second == "Note:\n\nSomething new here, long enough."
 
 
 def _fake_generator(calls):
@@ -314,6 +325,38 @@ def test_resume_after_ctrl_c_continues_exactly(tmp_path, solutions, tiny_data, m
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in straight.history]
 
 
+def test_a_fresh_run_sets_the_earlier_checkpoint_aside(tmp_path, solutions, tiny_data):
+    run = tiny_config(tmp_path, steps=3)
+    ckpt = run.checkpoint_dir
+    first = train(run, data=tiny_data, progress=False, verbose=False)
+    first_weights = (ckpt / "model.safetensors").read_bytes()
+    (ckpt / "notes.txt").write_text("mine")  # something the learner put there
+    train(tiny_config(tmp_path, steps=3, seed=1), data=tiny_data, progress=False, verbose=False)
+    aside = ckpt.with_name(ckpt.name + ".previous")
+    assert (aside / "model.safetensors").read_bytes() == first_weights
+    assert (aside / "notes.txt").read_text() == "mine"
+    assert load_checkpoint(aside)[2]["step"] == first.step
+    # A third run must not delete the folder holding the learner's notes.
+    train(tiny_config(tmp_path, steps=3, seed=2), data=tiny_data, progress=False, verbose=False)
+    assert (aside / "notes.txt").read_text() == "mine"
+    assert load_checkpoint(ckpt.with_name(ckpt.name + ".previous-2"))[2]["step"] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_training_on_cuda_matches_cpu(tmp_path, solutions, tiny_data):
+    assert trainer.pick_device().type == "cuda"  # the default where a GPU is present
+    cpu = train(tiny_config(tmp_path / "cpu"), data=tiny_data, progress=False, verbose=False)
+    gpu = train(
+        tiny_config(tmp_path / "gpu", device="cuda"), data=tiny_data, progress=False, verbose=False
+    )
+    assert next(gpu.model.parameters()).device.type == "cuda"
+    assert gpu.losses == pytest.approx(cpu.losses, abs=2e-3)
+    model, _, meta = load_checkpoint(tmp_path / "gpu" / "ckpt")  # a GPU checkpoint, on CPU
+    assert meta["step"] == 6 and next(model.parameters()).device.type == "cpu"
+    on_gpu, _, _ = load_checkpoint(tmp_path / "cpu" / "ckpt", device="cuda")
+    assert next(on_gpu.parameters()).device.type == "cuda"
+
+
 def test_training_is_reproducible(tmp_path, solutions, tiny_data):
     runs = [
         train(
@@ -377,6 +420,7 @@ def test_cli_train_smoke(tmp_path, corpus, capsys):
         assert (out / name).is_file(), name
     meta = json.loads((out / "config.json").read_text())
     assert meta["step"] == 8
+    assert [s["step"] for s in meta["samples"]] == [0, 4, 8]  # the last one saved too
     history = meta["history"]
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # the loss falls
 
