@@ -38,6 +38,7 @@ from benchmarks.common import (
     set_threads,
 )
 from gpt2_course import parts, trainer
+from gpt2_course.config import hf_config
 
 ALLOCATOR_GOAL = 1.3
 HF_GOAL = 0.9
@@ -45,20 +46,15 @@ HF_GOAL = 0.9
 
 def build_models(seed: int) -> tuple[nn.Module, nn.Module]:
     """The tiny preset as ours and as Hugging Face's GPT-2, with the same seeded weights."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from solutions.transformer import load_gpt2_weights
 
     cfg = trainer.model_config("tiny")
     torch.manual_seed(seed)
     hf = GPT2LMHeadModel(
-        GPT2Config(
-            n_embd=cfg.d_model,
-            n_layer=cfg.n_layers,
-            n_head=cfg.n_heads,
-            n_positions=cfg.n_ctx,
-            n_inner=cfg.d_mlp,
-            vocab_size=cfg.d_vocab,
+        hf_config(
+            cfg,
             attn_implementation="eager",
             tie_word_embeddings=False,  # ours has its own W_U
             resid_pdrop=0.0,  # ours has no dropout

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from gpt2_course.checks.core import Case, CheckSetupError, Mistake, call_function, compare
 from gpt2_course.checks.reference_data import batch_run, batch_tokens, generator, randn, text_run
 from gpt2_course.checks.registry import Check, register
-from gpt2_course.config import TransformerConfig
+from gpt2_course.config import TransformerConfig, hf_config
 from gpt2_course.reference import get_reference
 
 NEG_INF = float("-inf")
@@ -81,20 +81,9 @@ class BigramModel(nn.Module):
 
 def small_hf_model(seed: int, cfg: TransformerConfig = SMALL) -> nn.Module:
     """A seeded Hugging Face GPT-2 of config `cfg`: the same weights on every machine."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
-    hf_cfg = GPT2Config(
-        n_embd=cfg.d_model,
-        n_layer=cfg.n_layers,
-        n_head=cfg.n_heads,
-        n_inner=cfg.d_mlp,
-        vocab_size=cfg.d_vocab,
-        n_positions=cfg.n_ctx,
-        initializer_range=cfg.init_range,
-        layer_norm_epsilon=cfg.layer_norm_eps,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
+    hf_cfg = hf_config(cfg, initializer_range=cfg.init_range, bos_token_id=None, eos_token_id=None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return GPT2LMHeadModel(hf_cfg).eval()

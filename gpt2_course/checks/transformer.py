@@ -21,7 +21,7 @@ from typing import Any
 import einops
 import torch
 from torch import Tensor, nn
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from gpt2_course import parts
 from gpt2_course.checks.core import (
@@ -42,7 +42,7 @@ from gpt2_course.checks.reference_data import (
     text_tokens,
 )
 from gpt2_course.checks.registry import Check, register
-from gpt2_course.config import TransformerConfig
+from gpt2_course.config import TransformerConfig, hf_config
 from gpt2_course.reference import get_reference
 from solutions.transformer import Transformer, gpt2_weights, load_gpt2_weights
 
@@ -65,14 +65,8 @@ def tiny_gpt2() -> tuple[GPT2LMHeadModel, dict[str, Tensor]]:
     Random-weight GPT-2 small has w = 1 and b = 0 in every LayerNorm and zero biases,
     so a mistake that swaps or skips those would pass on it; here nothing is neutral.
     """
-    config = GPT2Config(
-        vocab_size=TINY.d_vocab,
-        n_positions=TINY.n_ctx,
-        n_embd=TINY.d_model,
-        n_layer=TINY.n_layers,
-        n_head=TINY.n_heads,
-        n_inner=TINY.d_mlp,
-        layer_norm_epsilon=TINY.layer_norm_eps,
+    config = hf_config(
+        TINY,
         attn_implementation="eager",
         bos_token_id=TINY.d_vocab - 1,  # GPT-2's 50256 is outside this vocabulary
         eos_token_id=TINY.d_vocab - 1,
