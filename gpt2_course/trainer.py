@@ -312,6 +312,31 @@ def _reuse_freed_memory() -> Iterator[None]:
         malloc_trim(0)
 
 
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """On CPU, the same seed gives the same run in every process, whatever the threads.
+
+    With several threads, some CPU kernels add in an order that varies from run to run
+    (the backward of `W_E[tokens]`, an accumulating `index_put_`, is one): losses drift
+    apart by the 10th step. Their deterministic versions cost nothing measurable here.
+    (On CUDA that would need cuBLAS settings made before the process starts; GPU runs
+    are reproducible only up to float noise.)
+    """
+    if device.type != "cpu":
+        yield
+        return
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    # warn_only: an operation with no deterministic version warns rather than stops a run
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
@@ -685,7 +710,7 @@ def train(
         dynamic_ncols=True,
         mininterval=1.0,
     )
-    with _reuse_freed_memory():
+    with _reuse_freed_memory(), _deterministic(device):
         try:
             while step < config.steps:
                 t0 = time.perf_counter()

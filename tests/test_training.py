@@ -3,6 +3,8 @@
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -340,6 +342,32 @@ def test_a_fresh_run_sets_the_earlier_checkpoint_aside(tmp_path, solutions, tiny
     train(tiny_config(tmp_path, steps=3, seed=2), data=tiny_data, progress=False, verbose=False)
     assert (aside / "notes.txt").read_text() == "mine"
     assert load_checkpoint(ckpt.with_name(ckpt.name + ".previous-2"))[2]["step"] == 3
+
+
+def test_training_is_reproducible_across_processes_with_two_threads(tmp_path, corpus):
+    # Two threads make some CPU kernels add in a varying order; the trainer must not.
+    script = f"""
+import json, torch
+from gpt2_course import parts, trainer
+from gpt2_course.data import load_data
+torch.set_num_threads(2)
+data = load_data({str(corpus)!r}, seq_len=32, val_fraction=0.2, seed=0, verbose=False)
+config = trainer.TrainConfig(
+    model=trainer.model_config("tiny", n_ctx=32), steps=25, batch_size=16, eval_interval=25,
+    eval_windows=4, sample_interval=0, save=False, device="cpu",
+)
+with parts.using(parts.SOLUTIONS):
+    print(json.dumps(trainer.train(config, data=data, progress=False, verbose=False).losses))
+"""
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True
+        )
+        for _ in range(2)
+    ]
+    losses = [json.loads(run.stdout.strip().splitlines()[-1]) for run in runs]
+    assert len(losses[0]) == 25
+    assert losses[0] == losses[1]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
