@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from gpt2_course.prompts import check_prompt
+
 NEG_INF = float("-inf")
 
 
@@ -97,30 +99,6 @@ def sample_next_token(
         logits = apply_top_p(logits, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-def context_length(model: nn.Module) -> int | None:
-    """The model's context window (cfg.n_ctx), if it says."""
-    cfg = getattr(model, "cfg", None)
-    return getattr(cfg, "n_ctx", None)
-
-
-def check_prompt(tokens: Tensor, max_new_tokens: int, model: nn.Module) -> None:
-    """Clear errors for inputs generation cannot work with."""
-    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
-        raise ValueError(
-            "tokens must be a LongTensor of shape [batch, seq], e.g. reference.to_tokens(text)"
-        )
-    if tokens.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    n_ctx = context_length(model)
-    if n_ctx is not None and tokens.shape[1] + max_new_tokens > n_ctx:
-        raise ValueError(
-            f"the context would be exceeded: {tokens.shape[1]} prompt tokens + {max_new_tokens} "
-            f"new tokens > n_ctx={n_ctx}, the most positions the model has embeddings for"
-        )
 
 
 @torch.no_grad()

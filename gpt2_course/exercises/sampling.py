@@ -2,7 +2,7 @@
 
 Fill in the functions in order: the four logit transforms, `sample_next_token`,
 `generate`, then `beam_search`. Keep the names and signatures: the checks call
-them exactly like this. `check_prompt` is written for you.
+them exactly like this. `check_prompt` (from gpt2_course/prompts.py) is written for you.
 
 Every logit transform takes next-token logits [batch, d_vocab] and returns new
 logits of the same shape, removed tokens set to -inf (probability exactly 0
@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F  # noqa: F401
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+
+from gpt2_course.prompts import check_prompt  # noqa: F401  (generate and beam_search use it)
 
 NEG_INF = float("-inf")
 
@@ -85,24 +87,6 @@ def sample_next_token(
        `torch.multinomial(probs, 1, generator=generator)`.
     """
     raise NotImplementedError("sample_next_token: write it in gpt2_course/exercises/sampling.py")
-
-
-def check_prompt(tokens: Tensor, max_new_tokens: int, model: nn.Module) -> None:
-    """Clear errors for inputs generation cannot work with (written for you)."""
-    if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
-        raise ValueError(
-            "tokens must be a LongTensor of shape [batch, seq], e.g. reference.to_tokens(text)"
-        )
-    if tokens.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
-    if n_ctx is not None and tokens.shape[1] + max_new_tokens > n_ctx:
-        raise ValueError(
-            f"the context would be exceeded: {tokens.shape[1]} prompt tokens + {max_new_tokens} "
-            f"new tokens > n_ctx={n_ctx}, the most positions the model has embeddings for"
-        )
 
 
 @torch.no_grad()
