@@ -20,16 +20,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from gpt2_course.checks.core import (
     ATOL,
     RTOL,
     Case,
-    CheckSetupError,
     Mistake,
+    build_cached,
     compare,
-    describe_exception,
     load_params,
 )
 from gpt2_course.checks.reference_data import GPT2_SMALL, batch_run, randn, text_run
@@ -48,26 +47,6 @@ EMPTY = torch.empty(0)  # "your forward never called apply_causal_mask"
 
 
 # --------------------------------------------------------------- shared helpers
-
-
-def build_cached(cache: dict, cls: Any, cfg: TransformerConfig) -> nn.Module:
-    """`cls(cfg)`, built once per class and config (building costs more than running)."""
-    key = (id(cls), id(cfg))
-    module = cache.get(key)
-    if module is not None and type(module) is cls:
-        return module
-    what = getattr(cls, "__name__", "your module")
-    try:
-        module = cls(cfg)
-    except NotImplementedError:
-        raise
-    except Exception as error:
-        raise CheckSetupError(f"{what}(cfg) failed: {describe_exception(error)}") from error
-    if not isinstance(module, nn.Module):
-        raise CheckSetupError(f"{what} must be a torch.nn.Module subclass")
-    cache.clear()  # keep at most one module alive
-    cache[key] = module
-    return module
 
 
 def nan_aware_compare(actual: Any, expected: Any, atol: float, rtol: float) -> str | None:

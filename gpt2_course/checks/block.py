@@ -21,12 +21,19 @@ from gpt2_course.checks.attention import (
     ATTENTION_PARAMS,
     EMPTY,
     SMALL,
-    build_cached,
     random_attention_params,
     reference_attention,
     reference_attention_params,
 )
-from gpt2_course.checks.core import ATOL, RTOL, Case, Mistake, compare, load_params
+from gpt2_course.checks.core import (
+    ATOL,
+    RTOL,
+    Case,
+    Mistake,
+    build_cached,
+    compare,
+    load_params,
+)
 from gpt2_course.checks.mlp import random_mlp_params, reference_mlp, reference_mlp_params
 from gpt2_course.checks.reference_data import GPT2_SMALL, batch_run, randn, text_run
 from gpt2_course.checks.registry import Check, register

@@ -166,6 +166,30 @@ def run_cases(
     return outcomes
 
 
+def build_cached(cache: dict, cls: Any, cfg: Any) -> nn.Module:
+    """`cls(cfg)`, built once per class and config (building costs more than running).
+
+    `cache` is the calling check's own dict; it keeps at most one module alive, since
+    a GPT-2-sized one holds hundreds of megabytes.
+    """
+    key = (id(cls), id(cfg))
+    module = cache.get(key)
+    if module is not None and type(module) is cls:
+        return module
+    what = getattr(cls, "__name__", "your module")
+    try:
+        module = cls(cfg)
+    except NotImplementedError:
+        raise
+    except Exception as error:
+        raise CheckSetupError(f"{what}(cfg) failed: {describe_exception(error)}") from error
+    if not isinstance(module, nn.Module):
+        raise CheckSetupError(f"{what} must be a torch.nn.Module subclass")
+    cache.clear()
+    cache[key] = module
+    return module
+
+
 def call_module(forward: str = "forward") -> Callable[[Any, Case], Any]:
     """Build `cls(cfg)`, load the case's parameters, call `forward` (or another method).
 
@@ -176,21 +200,8 @@ def call_module(forward: str = "forward") -> Callable[[Any, Case], Any]:
     built: dict[tuple[int, int], nn.Module] = {}
 
     def call(cls: Any, case: Case) -> Any:
-        what = getattr(cls, "__name__", "your module")
-        key = (id(cls), id(case.cfg))
-        module = built.get(key)
-        if module is None or type(module) is not cls:
-            try:
-                module = cls(case.cfg)
-            except NotImplementedError:
-                raise
-            except Exception as error:
-                raise CheckSetupError(f"{what}(cfg) failed: {describe_exception(error)}") from error
-            if not isinstance(module, nn.Module):
-                raise CheckSetupError(f"{what} must be a torch.nn.Module subclass")
-            built.clear()  # keep at most one GPT-2-sized module alive
-            built[key] = module
-        load_params(module, case.params or {}, what)
+        module = build_cached(built, cls, case.cfg)
+        load_params(module, case.params or {}, getattr(cls, "__name__", "your module"))
         module.eval()
         return getattr(module, forward)(*case.args)
 

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt2_course.checks.attention import build_cached, nan_aware_compare
-from gpt2_course.checks.core import Case, Mistake, call_function, load_params
+from gpt2_course.checks.attention import nan_aware_compare
+from gpt2_course.checks.core import Case, Mistake, build_cached, call_function, load_params
 from gpt2_course.checks.reference_data import GPT2_SMALL, batch_run, randn, text_run
 from gpt2_course.checks.registry import Check, register
 from gpt2_course.config import TransformerConfig
