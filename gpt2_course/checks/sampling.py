@@ -483,6 +483,23 @@ def banded_top_p(logits: Tensor, p: float) -> Banded:
     return Banded(expected, logits, either)
 
 
+def peaked_rows(d_vocab: int = 50257) -> Tensor:
+    """Rows whose float32 running total reaches exactly 1.0 before the last token.
+
+    Row 0: one token carries all but ~5e-9 of the mass, so its probability rounds
+    to 1.0 in float32. Row 1: four tokens of probability 0.25 each (the tail's
+    ~1e-18 each is lost in the rounding), so the total is exactly 1.0 after four
+    tokens. Both hold whatever the order or kernel of the summation: p = 1 must
+    keep the tail anyway, and only a top-p that treats p = 1 as "keep everything"
+    does.
+    """
+    rows = torch.full((2, d_vocab), -30.0)
+    rows[0, 7] = 0.0
+    rows[1] = -40.0
+    rows[1, [3, 1000, 20000, 50000]] = 0.0
+    return rows
+
+
 def top_p_cases() -> list[Case]:
     designed = torch.tensor(
         [
@@ -498,6 +515,7 @@ def top_p_cases() -> list[Case]:
     real = real_logits()
     settings = [
         ("hand-made rows, p=0.7 (the crossing token must stay)", designed, 0.7),
+        ("p=1 on peaked rows at GPT-2's vocabulary size: every token stays", peaked_rows(), 1.0),
         ("random logits, p=0.5", rows, 0.5),
         ("random logits, p=0.9", rows, 0.9),
         ("logits already filtered (-inf), p=0.8", filtered, 0.8),
