@@ -9,104 +9,24 @@ learner's code, then judge the outputs) exactly as in a notebook.
 """
 
 import argparse
-import csv
-import importlib
-import io
 import json
 import os
 import subprocess
 import sys
 import tempfile
-import types
-import zipfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 DEFAULT_TIMEOUT = 900  # seconds per submission: building the reference takes ~20 s
 MAX_ZIP_BYTES = 50 * 1024 * 1024  # exercise files are tiny; refuse zip bombs
 
 
-@dataclass
-class CheckGrade:
-    id: str
-    passed: bool
-    points: float
-    max_points: float
-    feedback: str
-
-
-@dataclass
-class Grade:
-    submission: str
-    score: float
-    max_score: float
-    checks: list[CheckGrade] = field(default_factory=list)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-
-class SubmissionError(Exception):
-    """A submission that cannot be graded at all (missing, not a course layout, bad zip)."""
-
-
-def _exercise_modules() -> set[str]:
-    from gpt2_course.checks import all_checks
-
-    return {check.module for check in all_checks().values()}
-
-
-def find_exercises(root: Path) -> Path:
-    """The folder of exercise files inside a submission folder."""
-    if not root.exists():
-        raise SubmissionError(f"{root} does not exist")
-    if not root.is_dir():
-        raise SubmissionError(f"{root} is neither a folder nor a .zip file")
-    known = _exercise_modules()
-    candidates = [root / "gpt2_course" / "exercises", root]
-    # a zip often wraps everything in one top-level folder
-    subdirs = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
-    if len(subdirs) == 1:
-        candidates += [subdirs[0] / "gpt2_course" / "exercises", subdirs[0]]
-    for folder in candidates:
-        if folder.is_dir() and any((folder / f"{m}.py").is_file() for m in known):
-            return folder
-    raise SubmissionError(
-        f"{root} holds no exercise files: expected files such as layernorm.py, "
-        "either directly or under gpt2_course/exercises/"
-    )
-
-
-def extract_zip(path: Path, into: Path) -> Path:
-    """Unpack a submission zip safely: no absolute paths, no '..', no links, bounded size."""
-    try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as error:
-        raise SubmissionError(f"{path} is not a readable zip file ({error})") from error
-    with archive:
-        total = 0
-        for info in archive.infolist():
-            name = info.filename
-            if name.startswith(("/", "\\")) or ".." in Path(name).parts or ":" in name:
-                raise SubmissionError(f"{path} contains an unsafe path: {name!r}")
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise SubmissionError(f"{path} contains a symbolic link: {name!r}")
-            total += info.file_size
-            if total > MAX_ZIP_BYTES:
-                raise SubmissionError(f"{path} unpacks to more than {MAX_ZIP_BYTES // 2**20} MiB")
-        archive.extractall(into)
-    return into
-
-
-def load_submission_package(folder: Path) -> str:
-    """Make the submission's exercise folder importable as a package of its own; return its name."""
-    name = f"gpt2_course_submission_{abs(hash(str(folder.resolve()))):x}"
-    package = types.ModuleType(name)
-    package.__path__ = [str(folder)]
-    package.__package__ = name
-    sys.modules[name] = package
-    importlib.invalidate_caches()
-    return name
+from gpt2_course.grading.reports import CheckGrade, Grade, format_csv, format_table
+from gpt2_course.grading.submissions import (
+    SubmissionError,
+    extract_zip,
+    find_exercises,
+    load_submission_package,
+)
 
 
 def grade_folder(folder: Path, label: str) -> Grade:
@@ -160,7 +80,7 @@ def grade_submission(path: str, timeout: float = DEFAULT_TIMEOUT) -> Grade:
         command = [
             sys.executable,
             "-m",
-            "gpt2_course.grading",
+            "gpt2_course.grading.legacy",
             str(source.resolve()),
             path,
             str(out),
@@ -185,27 +105,6 @@ def grade_submission(path: str, timeout: float = DEFAULT_TIMEOUT) -> Grade:
         data = json.loads(out.read_text())
     checks = [CheckGrade(**c) for c in data["checks"]]
     return Grade(data["submission"], data["score"], data["max_score"], checks)
-
-
-def format_table(grades: list[Grade]) -> str:
-    width = max([len(g.submission) for g in grades] + [10])
-    lines = [f"{'submission':<{width}}  {'score':>9}  failed checks", "-" * (width + 40)]
-    for g in grades:
-        failed = [c.id for c in g.checks if not c.passed]
-        shown = ", ".join(failed[:6]) + (f" (+{len(failed) - 6} more)" if len(failed) > 6 else "")
-        lines.append(f"{g.submission:<{width}}  {g.score:>4g}/{g.max_score:<4g}  {shown or '-'}")
-    return "\n".join(lines)
-
-
-def format_csv(grades: list[Grade]) -> str:
-    ids = [c.id for c in grades[0].checks] if grades else []
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["submission", "score", "max_score", *ids])
-    for g in grades:
-        points = {c.id: c.points for c in g.checks}
-        writer.writerow([g.submission, g.score, g.max_score, *(points.get(i, 0) for i in ids)])
-    return buffer.getvalue()
 
 
 def main(args: argparse.Namespace) -> int:
