@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     progress.set_defaults(func=_progress)
 
     grade = sub.add_parser("grade", help="grade submissions (folders, checkouts or .zip files)")
-    grade.add_argument("submissions", nargs="+", metavar="SUBMISSION")
-    grade.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    from gpt2_course.grading.command import add_arguments
+
+    add_arguments(grade)
     grade.set_defaults(func=_grade)
 
     for name in PLUGINS:

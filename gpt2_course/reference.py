@@ -7,16 +7,19 @@ the reference is GPT-2 small with seeded random weights: enough to check
 every component exactly. The reference is built once per process.
 """
 
+from __future__ import annotations
+
 import os
 import socket
 import warnings
 from dataclasses import dataclass
 from functools import cache
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
-from gpt2_course.tokenizer import get_tokenizer
+if TYPE_CHECKING:  # transformers is imported where it is used: it costs seconds to import
+    from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
 HUB_HOST = "huggingface.co"
 PROBE_SECONDS = 3.0  # a notebook must never hang on the network
@@ -45,6 +48,8 @@ def hub_reachable(timeout: float = PROBE_SECONDS) -> bool:
 
 def load_pretrained_gpt2(allow_download: bool) -> GPT2LMHeadModel | None:
     """GPT-2 small's pretrained weights, from the local cache or (if allowed) the Hub."""
+    from transformers import GPT2LMHeadModel
+
     try:
         return GPT2LMHeadModel.from_pretrained("gpt2", local_files_only=True)
     except Exception:  # not cached (or a damaged cache): try the Hub
@@ -62,6 +67,8 @@ def load_pretrained_gpt2(allow_download: bool) -> GPT2LMHeadModel | None:
 
 def random_gpt2(seed: int = RANDOM_SEED) -> GPT2LMHeadModel:
     """GPT-2 small with seeded random weights: the same on every CPU, every run."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return GPT2LMHeadModel(GPT2Config())
@@ -71,7 +78,7 @@ def random_gpt2(seed: int = RANDOM_SEED) -> GPT2LMHeadModel:
 class Reference:
     """The reference model and how it was obtained."""
 
-    bridge: "object"  # transformer_lens.model_bridge.TransformerBridge
+    bridge: object  # transformer_lens.model_bridge.TransformerBridge
     hf_model: GPT2LMHeadModel  # wrapped in place by the bridge: use hf_state_dict for its weights
     tokenizer: GPT2TokenizerFast
     pretrained: bool
@@ -126,6 +133,8 @@ def _boot_bridge(hf_model: GPT2LMHeadModel, tokenizer: GPT2TokenizerFast):
 @cache
 def get_reference() -> Reference:
     """The process-wide reference model (pretrained if possible, else seeded random)."""
+    from gpt2_course.tokenizer import get_tokenizer
+
     tokenizer = get_tokenizer()
     hf_model = None if offline_forced() else load_pretrained_gpt2(allow_download=hub_reachable())
     if offline_forced():

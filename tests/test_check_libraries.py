@@ -4,7 +4,8 @@ fails with its diagnosis. New check modules are picked up automatically."""
 import pytest
 
 from gpt2_course import parts
-from gpt2_course.checks import all_checks, judge_implementation, run_check
+from gpt2_course.checks import all_checks, run_check
+from gpt2_course.grading import protocol
 
 CHECKS = all_checks()
 MISTAKES = [(cid, m) for cid, c in CHECKS.items() for m in c.mistakes]
@@ -30,7 +31,10 @@ def test_stub_is_not_implemented(check_id):
     ("check_id", "mistake"), MISTAKES, ids=[f"{c}-{m.name}" for c, m in MISTAKES]
 )
 def test_mistake_fails_and_is_named(check_id, mistake):
-    verdict = judge_implementation(CHECKS[check_id], mistake.implementation)
+    # as the grader does it: outcomes cross from the runner to the judge as plain data
+    check = CHECKS[check_id]
+    data = protocol.encode_outcomes(check_id, check.run(mistake.implementation))
+    verdict = check.judge(protocol.decode_outcomes(data, check_id, len(check.cases)))
     assert not verdict.passed
     assert mistake.name in verdict.mistakes, verdict.feedback
     assert mistake.description in verdict.feedback

@@ -1,4 +1,4 @@
-"""The shortcut policy (gpt2_course/checks/policy.py): what exercise files may import and call.
+"""The shortcut policy (gpt2_course/policy.py): what exercise files may import and call.
 
 Fast: no model is built. The source scan is tested on small sources written here,
 on every solution and stub, and on folders; the runtime guard on learner files
@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gpt2_course.checks import policy
-from gpt2_course.checks.policy import (
+from gpt2_course import policy
+from gpt2_course.policy import (
     SHORTCUTS,
     ImportRefused,
     Shortcut,

@@ -4,11 +4,14 @@ In a notebook:  `check("layernorm.LayerNorm")`
 In a terminal:  `gpt2-course check layernorm.LayerNorm`
 """
 
+import contextlib
+import importlib
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from gpt2_course import parts
+from gpt2_course import parts, policy
 from gpt2_course.checks.core import Verdict, describe_exception
 from gpt2_course.checks.registry import Check, all_checks, get_check
 
@@ -75,13 +78,37 @@ def judge_implementation(check: Check, implementation: Any) -> Verdict:
     return check.judge(check.run(implementation))
 
 
+def package_folder(package: str) -> Path | None:
+    """Where the files of an importable package lie (None if it has no folder)."""
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        return None
+    locations = list(getattr(module, "__path__", []) or [])
+    return Path(locations[0]) if locations else None
+
+
 def run_check(check_id: str, package: str | None = None) -> CheckResult:
-    """Check the learner's component (or the one in `package`) and return the result."""
+    """Check the learner's component (or the one in `package`) and return the result.
+
+    The same shortcut policy as the grader's: the source is scanned first (a
+    refused import or call is reported with its line, and nothing runs), then the
+    learner's code runs under the policy's guard.
+    """
     check = get_check(check_id)
     package = package or (parts.SOLUTIONS if parts.solutions_everywhere() else parts.EXERCISES)
     start = time.perf_counter()
+    folder = package_folder(package)
+    refused = policy.scan_submission(folder, check_id) if folder else []
+
+    def guard() -> contextlib.AbstractContextManager:
+        return policy.runtime_guard(check_id, folder) if folder else contextlib.nullcontext()
+
+    if refused:
+        return result_of(check, Verdict(False, policy.feedback(refused)), 0.0)
     try:
-        implementation = load_implementation(check, package)
+        with guard():
+            implementation = load_implementation(check, package)
     except ImportError as error:
         verdict = Verdict(False, str(error))
     else:
@@ -94,7 +121,9 @@ def run_check(check_id: str, package: str | None = None) -> CheckResult:
                 f"code; please report it): {describe_exception(error)}",
             )
         else:
-            verdict = judge_implementation(check, implementation)
+            with guard():
+                outcomes = check.run(implementation)
+            verdict = check.judge(outcomes)
     return result_of(check, verdict, time.perf_counter() - start)
 
 

@@ -139,9 +139,18 @@ def _detached(output: Any) -> Any:
 
 
 def run_cases(
-    call: Callable[[Any, Case], Any], implementation: Any, cases: Sequence[Case]
+    call: Callable[[Any, Case], Any],
+    implementation: Any,
+    cases: Sequence[Case],
+    catch_exits: bool = False,
 ) -> list[Outcome]:
-    """The run phase: call `implementation` on every case, catching every failure."""
+    """The run phase: call `implementation` on every case, catching every failure.
+
+    With `catch_exits` (the grader's runner) a `sys.exit` or KeyboardInterrupt in
+    the learner's code is that case's error too; in a notebook the learner's own
+    interrupt must still stop the cell.
+    """
+    stops = (Exception, SystemExit, KeyboardInterrupt) if catch_exits else Exception
     outcomes = []
     for case in cases:
         args = tuple(a.clone() if isinstance(a, Tensor) else a for a in case.args)
@@ -156,7 +165,7 @@ def run_cases(
             outcome = Outcome(error=describe_exception(error), not_implemented=True)
         except CheckSetupError as error:
             outcome = Outcome(error=str(error))
-        except Exception as error:  # learner code may raise anything
+        except stops as error:  # learner code may raise anything
             outcome = Outcome(error=describe_exception(error))
         outcome.seconds = time.perf_counter() - start
         outcome.modified_args = _modified(args, before)

@@ -21,7 +21,6 @@ from typing import Any
 import einops
 import torch
 from torch import Tensor, nn
-from transformers import GPT2LMHeadModel
 
 from gpt2_course import parts
 from gpt2_course.checks.core import (
@@ -59,12 +58,14 @@ ISOLATION_NOTE = (
 
 
 @cache
-def tiny_gpt2() -> tuple[GPT2LMHeadModel, dict[str, Tensor]]:
+def tiny_gpt2() -> tuple[nn.Module, dict[str, Tensor]]:
     """A small Hugging Face GPT-2 with every weight random (LayerNorms and biases included).
 
     Random-weight GPT-2 small has w = 1 and b = 0 in every LayerNorm and zero biases,
     so a mistake that swaps or skips those would pass on it; here nothing is neutral.
     """
+    from transformers import GPT2LMHeadModel
+
     config = hf_config(
         TINY,
         attn_implementation="eager",
