@@ -34,7 +34,7 @@ def exercise_copy(base: str, into: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def grader():
-    settings = Settings(check_timeout=SLOW, limits=sandbox.Limits(memory_bytes=4 << 30))
+    settings = Settings(check_timeout=SLOW, limits=sandbox.Limits(memory_bytes=8 << 30))
     with Grader(settings, FIRST_ELEVEN) as grader:
         yield grader
 
@@ -68,8 +68,11 @@ def test_hostile_submission_earns_only_what_it_computed(hostile_class, name):
     expect = json.loads((ADVERSARIAL / name / "expect.json").read_text())
     grade = grades[name]
     check = {c.id: c for c in grade.checks}[expect["check"]]
-    assert not check.passed and check.points == 0
-    assert expect["feedback"].lower() in check.feedback.lower(), check.feedback
+    if expect["score"] == grade.max_score:  # an attack on others: its own code is right
+        assert check.passed, check.feedback
+    else:
+        assert not check.passed and check.points == 0
+        assert expect["feedback"].lower() in check.feedback.lower(), check.feedback
     failed = [(c.id, c.feedback) for c in grade.checks if not c.passed]
     assert grade.score == expect["score"], failed
     assert "/tmp/" not in check.feedback and "gpt2_course_submission" not in check.feedback

@@ -13,6 +13,7 @@ Messages in (stdin): `{"check": id}` then the check's packed inputs.
 Messages out (the results pipe): b"E" + an event (JSON), or b"R" + a result.
 """
 
+import gc
 import json
 import os
 import sys
@@ -101,6 +102,21 @@ def main(exercises: str, store_path: str, results_fd: str) -> int:
                     outcomes = run_cases(check.call, implementation, cases, catch_exits=True)
             payload = protocol.encode_outcomes(check_id, outcomes)
             send(b"R", json.dumps({"failure": failure}).encode() + b"\n" + payload)
+            del cases, outcomes, payload
+            _forget_built_modules(check)
+
+
+def _forget_built_modules(check) -> None:
+    """Free the modules a check's call built (GPT-2-sized ones hold hundreds of MB).
+
+    The calls keep them in dicts captured by their closures, for reuse across one
+    check's cases; in a runner the next check never reuses them.
+    """
+    for cell in check.call.__closure__ or ():
+        contents = cell.cell_contents
+        if isinstance(contents, dict):
+            contents.clear()
+    gc.collect()
 
 
 if __name__ == "__main__":
