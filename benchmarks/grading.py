@@ -118,18 +118,24 @@ def main(argv: list[str] | None = None) -> float:
     with tempfile.TemporaryDirectory(prefix="grading-benchmark-") as tmp:
         paths = make_class(Path(tmp), args.solutions, args.stubs)
         n = len(paths)
-        print(f"{args.solutions} copies of the solutions and {args.stubs} of the stubs, "
-              f"{os.cpu_count()} cores")
+        print(
+            f"{args.solutions} copies of the solutions and {args.stubs} of the stubs, "
+            f"{os.cpu_count()} cores"
+        )
         new = run_phase("new", paths, args.jobs)
         old = run_phase("old", paths, args.jobs)
     assert new["scores"] == old["scores"], (new["scores"], old["scores"])
     per_new, per_old = new["seconds"] / n, old["seconds"] / n
-    print(f"new grader ({new['isolation']}, jobs={args.jobs}): {new['seconds']:.0f} s in all, "
-          f"{per_new:.1f} s per submission (of which {new['prepare_seconds']:.0f} s once, "
-          f"for the reference and the cases); peak memory: grader "
-          f"{new['peak_rss_gib']:.2f} GiB, one runner {new['peak_child_rss_gib']:.2f} GiB")
-    print(f"one process per submission, reference rebuilt each time: {old['seconds']:.0f} s, "
-          f"{per_old:.1f} s per submission; peak memory of one {old['peak_child_rss_gib']:.2f} GiB")
+    print(
+        f"new grader ({new['isolation']}, jobs={args.jobs}): {new['seconds']:.0f} s in all, "
+        f"{per_new:.1f} s per submission (of which {new['prepare_seconds']:.0f} s once, "
+        f"for the reference and the cases); peak memory: grader "
+        f"{new['peak_rss_gib']:.2f} GiB, one runner {new['peak_child_rss_gib']:.2f} GiB"
+    )
+    print(
+        f"one process per submission, reference rebuilt each time: {old['seconds']:.0f} s, "
+        f"{per_old:.1f} s per submission; peak memory of one {old['peak_child_rss_gib']:.2f} GiB"
+    )
     ratio = per_old / per_new
     print(f"ratio (before / now, per submission): {ratio:.2f}   goal >= {GOAL:g}")
     return ratio

@@ -172,3 +172,30 @@ def test_without_a_sandbox_grading_still_holds(tmp_path):
     assert first.score == 4 and second.score == 3
     assert "stopped after 20 s in `layernorm.LayerNorm`" in second.checks[3].feedback
     assert first.isolation == grader.level
+
+
+@pytest.mark.slow
+def test_without_the_source_scan_the_runner_still_holds_no_answer(tmp_path):
+    """Attacks the scan would refuse, graded with the scan off: patching the judge in the
+    runner changes nothing (the judge is elsewhere), and the reference cannot be built."""
+    checks = list(all_checks())[:4]
+    paths = []
+    for name in ("patch_judge_unscanned", "reference_activations", "imports_solutions"):
+        folder = exercise_copy("solutions", tmp_path / name)
+        shutil.copy(ADVERSARIAL / name / "layernorm.py", folder)
+        paths.append(str(folder))
+    with Grader(Settings(check_timeout=60, scan=False), checks) as grader:
+        grades = grade_all(grader, paths, jobs=2)
+    for grade in grades:
+        layernorm = grade.checks[3]
+        assert layernorm.id == "layernorm.LayerNorm" and not layernorm.passed, grade.submission
+        assert grade.score == 3, [(c.id, c.feedback) for c in grade.checks]
+
+
+def test_a_zip_bomb_costs_its_sender_only(grader, tmp_path):
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("layernorm.py", b"\n" * (80 << 20))
+    grade = grader.grade(str(bomb))
+    assert grade.score == 0 and "MiB" in grade.checks[0].feedback
+    assert str(bomb) in grader.ungraded

@@ -67,8 +67,8 @@ def main(exercises: str, store_path: str, results_fd: str) -> int:
     from gpt2_course import parts
     from gpt2_course.checks import all_checks, load_implementation
     from gpt2_course.checks.core import Outcome, run_cases
-    from gpt2_course.policy import runtime_guard
     from gpt2_course.grading import protocol
+    from gpt2_course.policy import runtime_guard
 
     torch.set_num_threads(1)  # the grader runs several runners at once, one per core
     checks = all_checks()

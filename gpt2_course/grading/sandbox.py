@@ -29,6 +29,7 @@ class Limits:
     cpu_seconds: int = 3600  # the whole runner; each check also has a wall-clock limit
     file_bytes: int = 64 << 20  # the largest file the runner may write
     open_files: int = 512
+    processes: int = 512  # for user nobody, all runners together (threads count too)
 
 
 def available(choice: str = "auto") -> str:
@@ -171,8 +172,15 @@ def runner_command(level: str, exercises: Path, store: Path | None, results_fd: 
     return [*args, *python, SUBMISSION_MOUNT, store_arg, str(results_fd)]
 
 
-def limit_resources(limits: Limits) -> None:
-    """In the child before exec: resource limits, inherited by everything it starts."""
+def limit_resources(limits: Limits, processes: bool = False) -> None:
+    """In the child before exec: resource limits, inherited by everything it starts.
+
+    The process count is limited only where the runner runs as user nobody: the
+    limit counts every process of a user, and root is exempt from it. In
+    bubblewrap, the runner's own process namespace dies with it instead.
+    """
+    if processes:
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
     for which, value in (
         (resource.RLIMIT_AS, limits.memory_bytes),
         (resource.RLIMIT_CPU, limits.cpu_seconds),
