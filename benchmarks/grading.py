@@ -68,8 +68,9 @@ def grade_one_in_process(folder: str) -> float:
 
 def grade_old(paths: list[str]) -> dict:
     start = time.perf_counter()
-    scores = []
+    scores, seconds = [], []
     for path in paths:
+        begin = time.perf_counter()
         child = subprocess.run(
             [sys.executable, "-m", "benchmarks.grading", "--one", path],
             capture_output=True,
@@ -78,7 +79,8 @@ def grade_old(paths: list[str]) -> dict:
             check=True,
         )
         scores.append(float(child.stdout.strip().splitlines()[-1]))
-    return {"seconds": time.perf_counter() - start, "scores": scores}
+        seconds.append(time.perf_counter() - begin)
+    return {"seconds": time.perf_counter() - start, "scores": scores, "each": seconds}
 
 
 def run_phase(phase: str, paths: list[str], jobs: int) -> dict:
@@ -99,6 +101,14 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--solutions", type=int, default=20)
     parser.add_argument("--stubs", type=int, default=10)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--old-sample",
+        type=int,
+        default=None,
+        metavar="K",
+        help="grade only K solutions and K stubs the old way (it has no shared work, so its "
+        "seconds per submission do not depend on the class size); default: all",
+    )
     parser.add_argument("--phase", choices=["new", "old"], help=argparse.SUPPRESS)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
@@ -123,9 +133,25 @@ def main(argv: list[str] | None = None) -> float:
             f"{os.cpu_count()} cores"
         )
         new = run_phase("new", paths, args.jobs)
-        old = run_phase("old", paths, args.jobs)
-    assert new["scores"] == old["scores"], (new["scores"], old["scores"])
-    per_new, per_old = new["seconds"] / n, old["seconds"] / n
+        k = args.old_sample
+        sample = paths if k is None else paths[:k] + paths[args.solutions : args.solutions + k]
+        old = run_phase("old", sample, args.jobs)
+    kinds = ["solution"] * args.solutions + ["stub"] * args.stubs
+    chosen = (
+        kinds
+        if k is None
+        else ["solution"] * min(k, args.solutions) + ["stub"] * min(k, args.stubs)
+    )
+    new_scores = dict(zip(paths, new["scores"], strict=True))
+    assert [new_scores[p] for p in sample] == old["scores"], (new["scores"], old["scores"])
+    # the old way's seconds per submission of each kind, weighted as in the class
+    mean = {
+        kind: sum(s for s, c in zip(old["each"], chosen, strict=True) if c == kind)
+        / max(1, chosen.count(kind))
+        for kind in ("solution", "stub")
+    }
+    per_new = new["seconds"] / n
+    per_old = (mean["solution"] * args.solutions + mean["stub"] * args.stubs) / n
     print(
         f"new grader ({new['isolation']}, jobs={args.jobs}): {new['seconds']:.0f} s in all, "
         f"{per_new:.1f} s per submission (of which {new['prepare_seconds']:.0f} s once, "
@@ -133,8 +159,10 @@ def main(argv: list[str] | None = None) -> float:
         f"{new['peak_rss_gib']:.2f} GiB, one runner {new['peak_child_rss_gib']:.2f} GiB"
     )
     print(
-        f"one process per submission, reference rebuilt each time: {old['seconds']:.0f} s, "
-        f"{per_old:.1f} s per submission; peak memory of one {old['peak_child_rss_gib']:.2f} GiB"
+        f"one process per submission, reference rebuilt each time ({len(sample)} graded): "
+        f"{mean['solution']:.1f} s per solution, {mean['stub']:.1f} s per stub, "
+        f"{per_old:.1f} s per submission of this class; peak memory of one "
+        f"{old['peak_child_rss_gib']:.2f} GiB"
     )
     ratio = per_old / per_new
     print(f"ratio (before / now, per submission): {ratio:.2f}   goal >= {GOAL:g}")
