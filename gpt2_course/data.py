@@ -10,7 +10,7 @@ Where the text comes from (`data=`):
   110,000 tokens. No network, no generated text. The offline default, and what CI
   trains on. (Where a Python lacks `pydoc_data`, the standard library's docstrings.)
 * ``"builtin-large"``: the language reference and the docstrings of the standard
-  library, about 540,000 tokens: for longer runs.
+  library, about half a million tokens: for longer runs.
 * a path, a glob or a folder of ``.txt`` files (or a list of them): your own text,
   one document per file.
 * ``"auto"``: TinyStories when the Hub answers within a few seconds, otherwise

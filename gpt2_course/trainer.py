@@ -163,7 +163,7 @@ def quick_mode() -> bool:
 
 
 def notebook_config(**overrides: Any) -> TrainConfig:
-    """The run notebook 06 makes: about 10 minutes on a 2-core CPU; 2 minutes in quick mode."""
+    """The run notebook 06 makes: about 5 minutes on a 2-core CPU; under a minute in quick mode."""
     if quick_mode():
         settings: dict[str, Any] = dict(steps=60, eval_interval=20, eval_windows=32)
     else:
