@@ -219,20 +219,23 @@ class _Runner:
         if grader.level == sandbox.PROCESS_NOBODY:
             os.chown(home, sandbox.NOBODY, sandbox.NOBODY)
         read_results, write_results = os.pipe()
-        command = sandbox.runner_command(grader.level, exercises, grader.store_path, write_results)
-        limits = grader.settings.limits
-
-        env = sandbox.runner_environment(str(home))
         nobody = sandbox.NOBODY if grader.level == sandbox.PROCESS_NOBODY else None
+        # the runner sets its own limits before it imports any learner code (a
+        # preexec_fn is not safe in a grader that starts runners from several threads)
+        limits = grader.settings.limits.to_json(processes=nobody is not None)
+        command = sandbox.runner_command(
+            grader.level, exercises, grader.store_path, write_results, limits
+        )
+        env = sandbox.runner_environment(str(home)) | {sandbox.LIMITS_VARIABLE: limits}
+        read_requests, self.requests = os.pipe()
         self.process = subprocess.Popen(
             command,
-            stdin=subprocess.PIPE,
+            stdin=read_requests,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             cwd=home,
             env=env,
             start_new_session=True,  # its own process group, killed as a whole
-            preexec_fn=lambda: sandbox.limit_resources(limits, processes=nobody is not None),
             pass_fds=(write_results,),
             close_fds=True,
             user=nobody,
@@ -240,7 +243,9 @@ class _Runner:
             extra_groups=[] if nobody is not None else None,
         )
         os.close(write_results)
-        self.results = os.fdopen(read_results, "rb", buffering=0)
+        os.close(read_requests)
+        self.results = read_results
+        os.set_blocking(self.requests, False)
         self.started = time.monotonic()
         self.first = True
         self._drain = threading.Thread(target=self._keep_output, daemon=True)
@@ -254,58 +259,93 @@ class _Runner:
                 self._output_size -= len(self.output.popleft())
 
     def run(self, check_id: str, inputs: bytes) -> tuple | list[Outcome] | _Lost:
-        try:
-            protocol.write_message(self.process.stdin, json.dumps({"check": check_id}).encode())
-            protocol.write_message(self.process.stdin, inputs)
-        except (BrokenPipeError, OSError):
-            return self._lost(check_id, "before it started", False)
         allowed = self.timeout + (RUNNER_START_SECONDS if self.first else 0.0)
         self.first = False
         deadline = time.monotonic() + allowed
         stage = "importing"
-        while True:
-            remaining = deadline - time.monotonic()
-            ready, _, _ = select.select([self.results], [], [], max(0.0, remaining))
-            if not ready:
-                self.stop()
-                where = (
-                    f"while importing {check_id.split('.')[0]}.py"
-                    if stage == "importing"
-                    else f"in `{check_id}`"
-                )
-                return _Lost(
-                    f"stopped after {self.timeout:g} s {where}: the code hangs or is far too slow",
-                    stage == "importing",
-                )
-            try:
-                message = protocol.read_message(self.results)
-            except protocol.ProtocolError as error:
-                self.stop()
-                return _Lost(f"the grader could not read your code's result: {error}")
-            if message is None:
-                return self._lost(check_id, stage, stage == "importing")
-            kind, body = message[:1], message[1:]
-            if kind == b"E":
-                stage = _event(body, check_id) or stage
-                continue
-            if kind != b"R" or b"\n" not in body:
-                self.stop()
-                return _Lost("the grader could not read your code's result")
-            head, payload = body.split(b"\n", 1)
-            try:
-                failure = json.loads(head).get("failure")
-                n_cases = len(self.grader.checks[check_id].cases)
-                outcomes = protocol.decode_outcomes(payload, check_id, n_cases)
-            except (protocol.ProtocolError, ValueError, AttributeError) as error:
-                self.stop()
-                return _Lost(f"the grader could not read your code's result: {error}")
-            if isinstance(failure, str):
-                return (failure[:4000],)
-            return outcomes
+        try:
+            for payload in (json.dumps({"check": check_id}).encode(), inputs):
+                self._send(protocol.frame(payload), deadline)
+            while True:
+                message = self._receive(deadline)
+                if message is None:
+                    return self._lost(check_id, stage == "importing")
+                kind, body = message[:1], message[1:]
+                if kind == b"E":
+                    stage = _event(body, check_id) or stage
+                    continue
+                return self._result(check_id, kind, body)
+        except TimeoutError:
+            self.stop()
+            where = (
+                f"while importing {check_id.split('.')[0]}.py"
+                if stage == "importing"
+                else f"in `{check_id}`"
+            )
+            return _Lost(
+                f"stopped after {self.timeout:g} s {where}: the code hangs or is far too slow",
+                stage == "importing",
+            )
+        except BrokenPipeError:
+            return self._lost(check_id, stage == "importing")
+        except protocol.ProtocolError as error:
+            self.stop()
+            return _Lost(f"the grader could not read your code's result: {error}")
 
-    def _lost(self, check_id: str, stage: str, importing: bool) -> _Lost:
-        code = self.process.wait(timeout=30) if self.process.poll() is None else self.process.poll()
-        self.stop()
+    def _send(self, data: bytes, deadline: float) -> None:
+        """Write all of `data` to the runner, or raise TimeoutError at `deadline`."""
+        view = memoryview(data)
+        while view:
+            _wait(self.requests, deadline, write=True)
+            try:
+                written = os.write(self.requests, view[: 1 << 16])
+            except BlockingIOError:
+                continue
+            view = view[written:]
+
+    def _receive(self, deadline: float) -> bytes | None:
+        """The runner's next message; None if it closed the pipe; TimeoutError at `deadline`."""
+        header = self._read(protocol.HEADER.size, deadline, at_start=True)
+        if header is None:
+            return None
+        (length,) = protocol.HEADER.unpack(header)
+        if length > protocol.MAX_MESSAGE:
+            raise protocol.ProtocolError(f"a message of {length} bytes")
+        body = self._read(length, deadline, at_start=False)
+        return body
+
+    def _read(self, n: int, deadline: float, at_start: bool) -> bytes | None:
+        chunks, have = [], 0
+        while have < n:
+            _wait(self.results, deadline, write=False)
+            chunk = os.read(self.results, min(n - have, 1 << 20))
+            if not chunk:
+                if have == 0 and at_start:
+                    return None
+                raise protocol.ProtocolError("the result ended half-way")
+            chunks.append(chunk)
+            have += len(chunk)
+        return b"".join(chunks)
+
+    def _result(self, check_id: str, kind: bytes, body: bytes) -> tuple | list[Outcome] | _Lost:
+        if kind != b"R" or b"\n" not in body:
+            self.stop()
+            return _Lost("the grader could not read your code's result")
+        head, payload = body.split(b"\n", 1)
+        try:
+            failure = json.loads(head).get("failure")
+            n_cases = len(self.grader.checks[check_id].cases)
+            outcomes = protocol.decode_outcomes(payload, check_id, n_cases)
+        except (protocol.ProtocolError, ValueError, AttributeError) as error:
+            self.stop()
+            return _Lost(f"the grader could not read your code's result: {error}")
+        if isinstance(failure, str):
+            return (failure[:4000],)
+        return outcomes
+
+    def _lost(self, check_id: str, importing: bool) -> _Lost:
+        self.stop()  # it closed its end: make sure nothing of it goes on
+        code = self.process.returncode
         how = f"was killed by signal {-code}" if code and code < 0 else f"exited with code {code}"
         if code == -signal.SIGXCPU:
             how = "ran out of CPU time"
@@ -315,21 +355,28 @@ class _Runner:
         return _Lost(f"the process running your code {how} {where}.{said}", importing)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        """Kill the runner's whole process group (whatever it started) and close the pipes."""
+        if self.requests == -1:
+            return
         try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # anything it left behind
+            os.killpg(self.process.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         self.process.wait()
-        for stream in (self.process.stdin, self.results):
-            try:
-                stream.close()
-            except OSError:
-                pass
+        for fd in (self.requests, self.results):
+            os.close(fd)
+        self.requests = self.results = -1
+
+
+def _wait(fd: int, deadline: float, write: bool) -> None:
+    """Wait until `fd` is ready, or raise TimeoutError at `deadline`."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT if write else select.POLLIN)
+    if not poller.poll(remaining * 1000):
+        raise TimeoutError
 
 
 def _event(body: bytes, check_id: str) -> str | None:

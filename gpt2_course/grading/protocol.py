@@ -27,7 +27,7 @@ from gpt2_course.checks.core import Case, Outcome
 
 MAX_MESSAGE = 1 << 30  # a runner's result above 1 GiB is refused
 STORE_MIN_BYTES = 1 << 20  # tensors this large go to the shared store, not the pipe
-_HEADER = struct.Struct(">Q")
+HEADER = struct.Struct(">Q")
 
 
 class ProtocolError(Exception):
@@ -37,18 +37,21 @@ class ProtocolError(Exception):
 # --------------------------------------------------------------------------- framing
 
 
+def frame(payload: bytes) -> bytes:
+    return HEADER.pack(len(payload)) + payload
+
+
 def write_message(stream: IO[bytes], payload: bytes) -> None:
-    stream.write(_HEADER.pack(len(payload)))
-    stream.write(payload)
+    stream.write(frame(payload))
     stream.flush()
 
 
 def read_message(stream: IO[bytes], limit: int = MAX_MESSAGE) -> bytes | None:
     """The next message, or None at a clean end of stream."""
-    header = _read_exactly(stream, _HEADER.size)
+    header = _read_exactly(stream, HEADER.size)
     if header is None:
         return None
-    (length,) = _HEADER.unpack(header)
+    (length,) = HEADER.unpack(header)
     if length > limit:
         raise ProtocolError(f"a message of {length} bytes (at most {limit} allowed)")
     payload = _read_exactly(stream, length)
@@ -145,7 +148,7 @@ def encode_outcomes(check_id: str, outcomes: list[Outcome]) -> bytes:
         for o in outcomes
     ]
     head = json.dumps({"check": check_id, "outcomes": encoded}).encode()
-    return _HEADER.pack(len(head)) + head + save_tensors(tensors)
+    return HEADER.pack(len(head)) + head + save_tensors(tensors)
 
 
 def _encode(value: Any, tensors: dict[str, Tensor]) -> Any:
@@ -168,12 +171,12 @@ def _encode(value: Any, tensors: dict[str, Tensor]) -> Any:
 
 def decode_outcomes(data: bytes, check_id: str, n_cases: int) -> list[Outcome]:
     """The grader's side: validate everything, believe nothing else."""
-    if len(data) < _HEADER.size:
+    if len(data) < HEADER.size:
         raise ProtocolError("a result too short to hold anything")
-    (head_length,) = _HEADER.unpack(data[: _HEADER.size])
-    head_end = _HEADER.size + head_length
+    (head_length,) = HEADER.unpack(data[: HEADER.size])
+    head_end = HEADER.size + head_length
     try:
-        head = json.loads(data[_HEADER.size : head_end])
+        head = json.loads(data[HEADER.size : head_end])
         tensors = load_tensors(data[head_end:]) if len(data) > head_end else {}
     except Exception as error:  # malformed JSON or tensor bytes
         raise ProtocolError(f"an unreadable result ({type(error).__name__})") from error

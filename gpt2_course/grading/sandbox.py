@@ -9,6 +9,7 @@ package, the shared inputs and the learner's own private copy (all read-only),
 a fresh /tmp, its own process and user namespaces, and no capabilities.
 """
 
+import json
 import os
 import resource
 import shutil
@@ -23,6 +24,9 @@ PROCESS_NOBODY = "separate process as user nobody, no sandbox"
 SUBMISSION_MOUNT = "/submission"  # where a sandboxed runner sees the learner's files
 
 
+LIMITS_VARIABLE = "GPT2_COURSE_RUNNER_LIMITS"
+
+
 @dataclass
 class Limits:
     memory_bytes: int = 8 << 30  # address space; torch alone maps about 2 GiB
@@ -30,6 +34,9 @@ class Limits:
     file_bytes: int = 64 << 20  # the largest file the runner may write
     open_files: int = 512
     processes: int = 512  # for user nobody, all runners together (threads count too)
+
+    def to_json(self, processes: bool) -> str:
+        return json.dumps({**self.__dict__, "processes": self.processes if processes else None})
 
 
 def available(choice: str = "auto") -> str:
@@ -150,7 +157,9 @@ def runner_environment(home: str) -> dict[str, str]:
     }
 
 
-def runner_command(level: str, exercises: Path, store: Path | None, results_fd: int) -> list[str]:
+def runner_command(
+    level: str, exercises: Path, store: Path | None, results_fd: int, limits: str
+) -> list[str]:
     """The command line that starts a runner on `exercises` at isolation `level`."""
     python = [sys.executable, "-m", "gpt2_course.grading.runner"]
     if level != BUBBLEWRAP:
@@ -168,24 +177,27 @@ def runner_command(level: str, exercises: Path, store: Path | None, results_fd: 
     args += ["--chdir", "/tmp/home", "--clearenv"]
     for key, value in runner_environment("/tmp/home").items():
         args += ["--setenv", key, value]
+    args += ["--setenv", LIMITS_VARIABLE, limits]
     store_arg = "/inputs/store.pt" if store is not None else ""
     return [*args, *python, SUBMISSION_MOUNT, store_arg, str(results_fd)]
 
 
-def limit_resources(limits: Limits, processes: bool = False) -> None:
-    """In the child before exec: resource limits, inherited by everything it starts.
+def limit_resources(settings: str) -> None:
+    """The runner's first act: resource limits (as JSON from `Limits.to_json`), inherited
+    by everything it starts, hard limits it cannot raise again.
 
     The process count is limited only where the runner runs as user nobody: the
     limit counts every process of a user, and root is exempt from it. In
     bubblewrap, the runner's own process namespace dies with it instead.
     """
-    if processes:
-        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
+    limits = json.loads(settings)
+    if limits["processes"]:
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits["processes"], limits["processes"]))
     for which, value in (
-        (resource.RLIMIT_AS, limits.memory_bytes),
-        (resource.RLIMIT_CPU, limits.cpu_seconds),
-        (resource.RLIMIT_FSIZE, limits.file_bytes),
-        (resource.RLIMIT_NOFILE, limits.open_files),
+        (resource.RLIMIT_AS, limits["memory_bytes"]),
+        (resource.RLIMIT_CPU, limits["cpu_seconds"]),
+        (resource.RLIMIT_FSIZE, limits["file_bytes"]),
+        (resource.RLIMIT_NOFILE, limits["open_files"]),
         (resource.RLIMIT_CORE, 0),
     ):
         soft, hard = resource.getrlimit(which)
