@@ -166,6 +166,9 @@ def runner_command(
         return [*python, str(exercises), str(store or ""), str(results_fd)]
     args = ["bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
     args += ["--uid", "65534", "--gid", "65534", *_system_binds()]
+    # a fresh /tmp first: Python or the course may themselves live under /tmp, and
+    # their binds below must land on top of it, not under it
+    args += ["--tmpfs", "/tmp", "--dir", "/tmp/home"]
     for folder in _python_paths():
         args += ["--ro-bind", str(folder), str(folder)]
     for folder in _hidden_packages():
@@ -173,7 +176,7 @@ def runner_command(
     args += ["--ro-bind", str(exercises), SUBMISSION_MOUNT]
     if store is not None:
         args += ["--ro-bind", str(store), "/inputs/store.pt"]
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp", "--dir", "/tmp/home"]
+    args += ["--proc", "/proc", "--dev", "/dev"]
     args += ["--chdir", "/tmp/home", "--clearenv"]
     for key, value in runner_environment("/tmp/home").items():
         args += ["--setenv", key, value]
