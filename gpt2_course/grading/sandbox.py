@@ -112,13 +112,21 @@ def _system_binds() -> list[str]:
 
 
 def _python_paths() -> list[Path]:
-    """Folders Python needs: its prefixes and every existing folder on sys.path."""
+    """Folders a runner needs: Python's prefixes and library folders, and the course.
+
+    Not every folder on sys.path: that may hold the grader's script folder, /tmp or a
+    home folder, with the class's submissions in it.
+    """
+    import site
+    import sysconfig
+
     import gpt2_course
     import solutions
 
     folders = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent}
-    here = Path.cwd().resolve()
-    folders |= {Path(p) for p in sys.path if p and Path(p).is_dir() and Path(p).resolve() != here}
+    folders |= {Path(p) for p in site.getsitepackages()}
+    folders |= {Path(sysconfig.get_path(name)) for name in ("stdlib", "platstdlib")}
+    folders |= {Path(sysconfig.get_path(name)) for name in ("purelib", "platlib")}
     # the course itself, not the checkout around it (which may hold the class's submissions)
     folders |= {Path(gpt2_course.__file__).parent, Path(solutions.__file__).parent}
     resolved = sorted({f.resolve() for f in folders if f.exists()})
