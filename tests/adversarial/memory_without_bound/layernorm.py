@@ -15,4 +15,4 @@ class LayerNorm(nn.Module):
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         hoard = []
         while True:
-            hoard.append(torch.ones(1 << 28))
+            hoard.append(torch.empty(1 << 28))  # 1 GiB of address space each
