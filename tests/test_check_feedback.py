@@ -146,3 +146,20 @@ def test_missing_file_in_a_submission(tmp_path):
     (tmp_path / "embeddings.py").write_text("")
     result = run_check("layernorm.LayerNorm", load_submission_package(tmp_path))
     assert "layernorm.py is missing" in result.feedback
+
+
+def test_top_p_at_p_one_is_named_in_the_feedback():
+    """Dropping the tail once a float32 total reaches 1.0 is caught on the peaked p=1 case,
+    on every CPU (the total reaches exactly 1.0 there by construction), and the case says so."""
+
+    def drops_tail_at_one(logits, p):
+        probs = logits.softmax(dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= p
+        drop[..., 0] = False
+        return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+    verdict = judge_implementation(get_check("sampling.apply_top_p"), drops_tail_at_one)
+    assert not verdict.passed
+    assert "case 'p=1 on peaked rows at GPT-2's vocabulary size" in verdict.feedback
+    assert "p_one_rounding" in verdict.mistakes
