@@ -277,11 +277,7 @@ class _Runner:
                 return self._result(check_id, kind, body)
         except TimeoutError:
             self.stop()
-            where = (
-                f"while importing {check_id.split('.')[0]}.py"
-                if stage == "importing"
-                else f"in `{check_id}`"
-            )
+            where = _where(check_id, stage == "importing")
             return _Lost(
                 f"stopped after {self.timeout:g} s {where}: the code hangs or is far too slow",
                 stage == "importing",
@@ -349,7 +345,7 @@ class _Runner:
         how = f"was killed by signal {-code}" if code and code < 0 else f"exited with code {code}"
         if code == -signal.SIGXCPU:
             how = "ran out of CPU time"
-        where = f"while importing {check_id.split('.')[0]}.py" if importing else f"in `{check_id}`"
+        where = _where(check_id, importing)
         tail = b"".join(self.output).decode(errors="replace").strip().splitlines()[-3:]
         said = f" Its last output: {' | '.join(tail)[-500:]}" if tail else ""
         return _Lost(f"the process running your code {how} {where}.{said}", importing)
@@ -366,6 +362,10 @@ class _Runner:
         for fd in (self.requests, self.results):
             os.close(fd)
         self.requests = self.results = -1
+
+
+def _where(check_id: str, importing: bool) -> str:
+    return f"while importing {check_id.split('.')[0]}.py" if importing else f"in `{check_id}`"
 
 
 def _wait(fd: int, deadline: float, write: bool) -> None:

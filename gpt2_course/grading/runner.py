@@ -17,7 +17,6 @@ import gc
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
 PACKAGE = "submission"  # the learner's exercises are imported as this package
@@ -49,13 +48,6 @@ def _seal() -> None:
     parts.use_solution = use_solution
 
 
-def _load_package(folder: Path) -> None:
-    package = types.ModuleType(PACKAGE)
-    package.__path__ = [str(folder)]
-    package.__package__ = PACKAGE
-    sys.modules[PACKAGE] = package
-
-
 def main(exercises: str, store_path: str, results_fd: str) -> int:
     # Results go back on a pipe of their own; stdout and stderr, which learner code
     # prints to, are captured (and capped) by the grader and never read as results.
@@ -72,6 +64,7 @@ def main(exercises: str, store_path: str, results_fd: str) -> int:
     from gpt2_course.checks import all_checks, load_implementation
     from gpt2_course.checks.core import Outcome, run_cases
     from gpt2_course.grading import protocol
+    from gpt2_course.grading.submissions import load_submission_package
     from gpt2_course.policy import runtime_guard
 
     torch.set_num_threads(1)  # the grader runs several runners at once, one per core
@@ -79,7 +72,7 @@ def main(exercises: str, store_path: str, results_fd: str) -> int:
     _seal()
     store = torch.load(store_path, mmap=True, weights_only=True) if store_path else {}
     folder = Path(exercises)
-    _load_package(folder)
+    load_submission_package(folder, PACKAGE)
 
     def send(kind: bytes, payload: bytes) -> None:
         protocol.write_message(results, kind + payload)

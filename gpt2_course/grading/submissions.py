@@ -310,9 +310,13 @@ def copy_exercises(exercises: Path, into: Path) -> Path:
     return into
 
 
-def load_submission_package(folder: Path) -> str:
-    """Make the submission's exercise folder importable as a package of its own; return its name."""
-    name = f"gpt2_course_submission_{abs(hash(str(folder.resolve()))):x}"
+def load_submission_package(folder: Path, name: str | None = None) -> str:
+    """Make the submission's exercise folder importable as a package of its own; return its name.
+
+    The name defaults to one derived from the folder, so that several submissions
+    can be imported side by side in one process.
+    """
+    name = name or f"gpt2_course_submission_{abs(hash(str(folder.resolve()))):x}"
     package = types.ModuleType(name)
     package.__path__ = [str(folder)]
     package.__package__ = name
