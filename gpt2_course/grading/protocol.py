@@ -144,6 +144,7 @@ def encode_outcomes(check_id: str, outcomes: list[Outcome]) -> bytes:
             "not_implemented": bool(o.not_implemented),
             "modified_args": [int(i) for i in o.modified_args],
             "seconds": float(o.seconds),
+            "probes": _encode(dict(o.probes), tensors),
         }
         for o in outcomes
     ]
@@ -198,8 +199,12 @@ def _outcome(item: Any, tensors: dict[str, Tensor]) -> Outcome:
         raise ProtocolError("modified arguments that are not a list of numbers")
     if type(seconds) not in (int, float):
         raise ProtocolError("a time that is not a number")
+    probes = _decode(item.get("probes", {"dict": []}), tensors, depth=0)
+    if type(probes) is not dict:
+        raise ProtocolError("probes that are not a dict")
     return Outcome(
         output=_decode(item.get("output"), tensors, depth=0),
+        probes=probes,
         error=error[:4000] if error else None,
         not_implemented=item.get("not_implemented") is True,
         modified_args=modified[:64],
