@@ -2,11 +2,10 @@
 
 import torch.nn.functional as F
 
-from gpt2_course.checks.core import Case, Mistake, call_module
+from gpt2_course.checks.core import Case, call_module
 from gpt2_course.checks.reference_data import GPT2_SMALL, batch_run, randn, text_run
 from gpt2_course.checks.registry import Check, register
 from gpt2_course.reference import get_reference
-from solutions.layernorm import LayerNorm
 
 D_MODEL, EPS = GPT2_SMALL.d_model, GPT2_SMALL.layer_norm_eps
 
@@ -35,119 +34,15 @@ def layernorm_cases() -> list[Case]:
         expected = F.layer_norm(x, (D_MODEL,), w, b, EPS)  # what GPT-2's nn.LayerNorm computes
         cases.append(
             Case(
-                f"random w, b; input scale {scale:g}", (x,), {"w": w, "b": b}, GPT2_SMALL, expected
+                f"random w, b; input scale {scale:g}",
+                (x,),
+                {"w": w, "b": b},
+                GPT2_SMALL,
+                expected,
+                seeded=True,
             )
         )
     return cases
 
 
-class EpsOutsideSqrt(LayerNorm):
-    def forward(self, x):
-        centred = x - x.mean(-1, keepdim=True)
-        return (
-            centred
-            / (centred.pow(2).mean(-1, keepdim=True).sqrt() + self.cfg.layer_norm_eps)
-            * self.w
-            + self.b
-        )
-
-
-class NoEps(LayerNorm):
-    def forward(self, x):
-        centred = x - x.mean(-1, keepdim=True)
-        return centred / centred.pow(2).mean(-1, keepdim=True).sqrt() * self.w + self.b
-
-
-class UnbiasedVariance(LayerNorm):
-    def forward(self, x):
-        centred = x - x.mean(-1, keepdim=True)
-        var = x.var(-1, keepdim=True, unbiased=True)
-        return centred / (var + self.cfg.layer_norm_eps).sqrt() * self.w + self.b
-
-
-class NoCentring(LayerNorm):
-    def forward(self, x):
-        var = x.var(-1, keepdim=True, unbiased=False)
-        return x / (var + self.cfg.layer_norm_eps).sqrt() * self.w + self.b
-
-
-class RMSNorm(LayerNorm):
-    def forward(self, x):
-        return (
-            x / (x.pow(2).mean(-1, keepdim=True) + self.cfg.layer_norm_eps).sqrt() * self.w + self.b
-        )
-
-
-class WrongAxis(LayerNorm):
-    def forward(self, x):
-        centred = x - x.mean(1, keepdim=True)
-        var = centred.pow(2).mean(1, keepdim=True)
-        return centred / (var + self.cfg.layer_norm_eps).sqrt() * self.w + self.b
-
-
-class DividesByVariance(LayerNorm):
-    def forward(self, x):
-        centred = x - x.mean(-1, keepdim=True)
-        return (
-            centred / (centred.pow(2).mean(-1, keepdim=True) + self.cfg.layer_norm_eps) * self.w
-            + self.b
-        )
-
-
-class NoWeight(LayerNorm):
-    def forward(self, x):
-        return F.layer_norm(x, (x.shape[-1],), None, None, self.cfg.layer_norm_eps) + self.b
-
-
-class NoBias(LayerNorm):
-    def forward(self, x):
-        return F.layer_norm(x, (x.shape[-1],), None, None, self.cfg.layer_norm_eps) * self.w
-
-
-class NoAffine(LayerNorm):
-    def forward(self, x):
-        return F.layer_norm(x, (x.shape[-1],), None, None, self.cfg.layer_norm_eps)
-
-
-class BiasBeforeWeight(LayerNorm):
-    def forward(self, x):
-        return (
-            F.layer_norm(x, (x.shape[-1],), None, None, self.cfg.layer_norm_eps) + self.b
-        ) * self.w
-
-
-register(
-    Check(
-        "layernorm.LayerNorm",
-        "layer normalisation",
-        layernorm_cases,
-        call_module(),
-        [
-            Mistake(
-                "eps_outside_sqrt", "LayerNorm with epsilon outside the square root", EpsOutsideSqrt
-            ),
-            Mistake("no_eps", "LayerNorm without epsilon", NoEps),
-            Mistake(
-                "unbiased_variance",
-                "LayerNorm with the unbiased variance (dividing by d_model - 1)",
-                UnbiasedVariance,
-            ),
-            Mistake("no_centring", "LayerNorm that does not subtract the mean from x", NoCentring),
-            Mistake("rmsnorm", "RMSNorm: no centring at all (x / sqrt(mean(x**2) + eps))", RMSNorm),
-            Mistake("wrong_axis", "LayerNorm over the position axis instead of d_model", WrongAxis),
-            Mistake(
-                "divides_by_variance",
-                "LayerNorm dividing by the variance instead of its square root",
-                DividesByVariance,
-            ),
-            Mistake("no_weight", "LayerNorm that forgets to multiply by w", NoWeight),
-            Mistake("no_bias", "LayerNorm that forgets to add b", NoBias),
-            Mistake("no_affine", "LayerNorm without w and b", NoAffine),
-            Mistake(
-                "bias_before_weight",
-                "LayerNorm that adds b before multiplying by w",
-                BiasBeforeWeight,
-            ),
-        ],
-    )
-)
+register(Check("layernorm.LayerNorm", "layer normalisation", layernorm_cases, call_module()))
