@@ -32,21 +32,17 @@ from benchmarks.common import (
 )
 from gpt2_course import parts
 from gpt2_course.config import TransformerConfig
+from gpt2_course.pretrained import course_model
 
 GOAL = 0.9
 
 
 def build_models(seed: int) -> tuple[torch.nn.Module, GPT2LMHeadModel]:
     """Hugging Face's GPT-2 small with seeded random weights, and ours holding the same ones."""
-    from solutions.transformer import Transformer, load_gpt2_weights
-
     torch.manual_seed(seed)
     hf = GPT2LMHeadModel(GPT2Config(attn_implementation="eager")).eval()
     hf.config._attn_implementation = "eager"  # older/newer transformers read one or the other
-    with parts.using(parts.SOLUTIONS):
-        ours = Transformer(TransformerConfig()).eval()
-    load_gpt2_weights(ours, hf.state_dict())
-    return ours, hf
+    return course_model(hf.state_dict(), TransformerConfig(), parts.SOLUTIONS), hf
 
 
 def main(argv: list[str] | None = None) -> float:

@@ -35,6 +35,7 @@ from benchmarks.common import (
 )
 from gpt2_course import parts
 from gpt2_course.config import TransformerConfig
+from gpt2_course.pretrained import course_model
 
 HF_GOAL = 1.0
 CACHE_GOAL = 5.0
@@ -44,17 +45,11 @@ def build_models(seed: int, attention: str) -> tuple[nn.Module, nn.Module]:
     """Hugging Face's GPT-2 small with seeded random weights, and ours holding the same ones."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from solutions.transformer import Transformer, load_gpt2_weights
-
     torch.manual_seed(seed)
     hf_config = GPT2Config(bos_token_id=None, eos_token_id=None, attn_implementation=attention)
     hf = GPT2LMHeadModel(hf_config).eval()
     hf.config._attn_implementation = attention
-    with parts.using(parts.SOLUTIONS), torch.device("meta"):
-        ours = Transformer(TransformerConfig())
-    ours = ours.to_empty(device="cpu")
-    load_gpt2_weights(ours, hf.state_dict())
-    return ours.eval(), hf
+    return course_model(hf.state_dict(), TransformerConfig(), parts.SOLUTIONS), hf
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -48,8 +48,6 @@ def build_models(seed: int) -> tuple[nn.Module, nn.Module]:
     """The tiny preset as ours and as Hugging Face's GPT-2, with the same seeded weights."""
     from transformers import GPT2LMHeadModel
 
-    from solutions.transformer import load_gpt2_weights
-
     cfg = trainer.model_config("tiny")
     torch.manual_seed(seed)
     hf = GPT2LMHeadModel(
@@ -64,7 +62,7 @@ def build_models(seed: int) -> tuple[nn.Module, nn.Module]:
     )
     with parts.using(parts.SOLUTIONS):
         ours = trainer.build_model(cfg, seed)
-        load_gpt2_weights(ours, hf.state_dict())
+        parts.load_gpt2_weights(ours, hf.state_dict())
     return ours.train(), hf.train()
 
 

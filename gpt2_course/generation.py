@@ -21,6 +21,7 @@ from torch import nn
 
 from gpt2_course import parts
 from gpt2_course.config import TransformerConfig
+from gpt2_course.pretrained import course_model
 from gpt2_course.tokenizer import END_OF_TEXT_ID, get_tokenizer
 
 
@@ -32,15 +33,6 @@ class GenerationError(Exception):
 class LoadedModel:
     model: nn.Module
     description: str
-
-
-def course_model(cfg: TransformerConfig, hf_state_dict: dict[str, torch.Tensor]) -> nn.Module:
-    """The course's Transformer (current parts) holding a Hugging Face GPT-2 state dict."""
-    with torch.device("meta"):  # skip a random initialisation that the weights overwrite
-        model = parts.Transformer(cfg)
-    model = model.to_empty(device="cpu")
-    parts.load_gpt2_weights(model, hf_state_dict)
-    return model.eval()
 
 
 def load_model(args: argparse.Namespace, err: TextIO) -> LoadedModel:
@@ -58,7 +50,6 @@ def load_model(args: argparse.Namespace, err: TextIO) -> LoadedModel:
     if args.pretrained:
         from gpt2_course.pretrained import (
             CheckpointError,
-            config_from_state_dict,
             load_gpt2_state_dict,
         )
 
@@ -71,13 +62,13 @@ def load_model(args: argparse.Namespace, err: TextIO) -> LoadedModel:
                 file=err,
             )
         else:
-            model = course_model(config_from_state_dict(state_dict), state_dict)
+            model = course_model(state_dict, package=None)
             return LoadedModel(model, "pretrained GPT-2 small")
     from gpt2_course.reference import RANDOM_SEED, random_gpt2
 
     state_dict = random_gpt2().state_dict()
     return LoadedModel(
-        course_model(TransformerConfig(), state_dict),
+        course_model(state_dict, TransformerConfig(), package=None),
         f"GPT-2 small with seeded random weights (seed {RANDOM_SEED}): expect gibberish",
     )
 
@@ -105,7 +96,9 @@ def sampling_models(err: TextIO = sys.stdout) -> dict[str, nn.Module]:
         print("No pretrained GPT-2 here (offline, and not in the local cache).", file=err)
     if not models:
         description = "GPT-2 small with the reference's seeded random weights"
-        models[description] = course_model(TransformerConfig(), get_reference().hf_state_dict)
+        models[description] = course_model(
+            get_reference().hf_state_dict, TransformerConfig(), package=None
+        )
         print(
             f"Sampling from {description} instead. Its text is gibberish, but "
             "every setting below still does to the distribution what it says.",
@@ -142,7 +135,7 @@ def generate_text(
     args: argparse.Namespace, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> str:
     """Run the command: returns the generated text (also streamed to `out`)."""
-    package = parts.EXERCISES if args.yours else parts.SOLUTIONS
+    package = parts.EXERCISES if args.yours else parts.lent_package()
     with parts.using(package):
         loaded = load_model(args, err)
         model = loaded.model
@@ -150,7 +143,7 @@ def generate_text(
         model = model.to(device)
         tokens = prompt_tokens(args.prompt, device)
         eos = None if args.ignore_eos or model.cfg.d_vocab <= END_OF_TEXT_ID else END_OF_TEXT_ID
-        whose = "your code" if args.yours else "the reference solutions"
+        whose = "your code" if args.yours else parts.describe_package(package)
         print(f"[{loaded.description}; {whose}; {device}]", file=err)
         out.write(args.prompt)
         out.flush()

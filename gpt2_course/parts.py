@@ -9,9 +9,14 @@ component continues with the reference solution for that component only:
 
 `GPT2_COURSE_SOLUTIONS=1` (CI, instructors, or to see the finished course run)
 makes every part, and every check, use `solutions/` instead.
+
+A learner's copy of the course (`gpt2-course release`) has no `solutions/`; there
+a lent part is the reference part of `gpt2_course.reference_parts`, written on
+torch's kernels, and `use_solution` says so.
 """
 
 import importlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +25,7 @@ from typing import Any
 
 EXERCISES = "gpt2_course.exercises"
 SOLUTIONS = "solutions"
+REFERENCE = "gpt2_course.reference_parts"
 
 # Every component a learner builds, as "<module>.<Name>", in course order.
 COMPONENTS = [
@@ -98,11 +104,39 @@ def get(name: str) -> Any:
     return implementation
 
 
+def has_solutions() -> bool:
+    """Whether this copy of the course has `solutions/` (a learner's release does not)."""
+    return importlib.util.find_spec(SOLUTIONS) is not None
+
+
+def lent_package() -> str:
+    """Where a lent part comes from: `solutions/` where it exists, else the reference parts."""
+    return SOLUTIONS if has_solutions() else REFERENCE
+
+
 def use_solution(name: str) -> None:
     """Use the reference solution for component `name` only; the rest stays yours."""
     full = _component(name)
-    _overrides[full] = SOLUTIONS
-    print(f"Using the reference solution for {full}; every other part is unchanged.")
+    _overrides[full] = lent_package()
+    what = (
+        "the reference solution"
+        if _overrides[full] == SOLUTIONS
+        else "the reference part (gpt2_course/reference_parts, on torch's kernels)"
+    )
+    print(f"Using {what} for {full}; every other part is unchanged.")
+
+
+def describe_package(package: str) -> str:
+    """Whose parts a package holds, for messages."""
+    return {SOLUTIONS: "the reference solutions", REFERENCE: "the reference parts"}.get(
+        package, "your code"
+    )
+
+
+def reference_implementation(check_or_component: str) -> Any:
+    """A component's reference part (for a check id, the component it checks)."""
+    module, name = check_or_component.split(".")[:2]
+    return getattr(load(REFERENCE, module), name)
 
 
 def use_mine(name: str) -> None:
@@ -121,8 +155,9 @@ def using(package: str) -> Iterator[None]:
 
 
 def whose(name: str) -> str:
-    """'yours' or 'reference solution', for display."""
-    return "reference solution" if source_of(name) == SOLUTIONS else "yours"
+    """'yours', 'reference solution' or 'reference part', for display."""
+    source = source_of(name)
+    return {SOLUTIONS: "reference solution", REFERENCE: "reference part"}.get(source, "yours")
 
 
 def table(components: list[str] | None = None) -> str:

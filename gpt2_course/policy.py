@@ -166,6 +166,8 @@ MODULE_ADVICE = {
     "`parts.use_solution(...)` lends you one component)",
     "gpt2_course.checks": "the checks judge your code and are not for it to use",
     "gpt2_course.reference": "the reference model is what your code is checked against",
+    "gpt2_course.reference_parts": "the reference parts are the course's answer key (in the "
+    "notebook, `parts.use_solution(...)` lends you one component)",
     "gpt2_course.grading": "the grader is not for exercise files",
     "transformers": "the course checks your code against Hugging Face's GPT-2",
     "transformer_lens": "the course checks your code against TransformerLens",

@@ -332,7 +332,6 @@ def load_pretrained_model(
 
     Without `cfg`, the model's sizes are read off the checkpoint.
     """
-    from gpt2_course import parts
 
     state_dict, hf_config = _read_checkpoint(source)
     if hf_config and hf_config.get("activation_function", "gelu_new") not in {
@@ -344,9 +343,35 @@ def load_pretrained_model(
             "the course's GPT-2 computes gelu_new, so its outputs would be wrong."
         )
     cfg = cfg or config_from_state_dict(state_dict, hf_config)
-    sd = check_gpt2_state_dict(state_dict, cfg)
-    model = parts.Transformer(cfg)
-    parts.load_gpt2_weights(model, sd)
+    return course_model(state_dict, cfg, package=None, device=device)
+
+
+def course_model(
+    hf_state_dict: dict[str, Tensor],
+    cfg: TransformerConfig | None = None,
+    package: str | None = "gpt2_course.reference_parts",
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """The course's `Transformer` holding a Hugging Face GPT-2 state dict, in eval mode.
+
+    Every part (the Transformer, its sub-parts and `load_gpt2_weights`) comes from
+    `package`: the reference parts by default, `parts.SOLUTIONS`, or None for the
+    parts the course uses now (the learner's, or those lent with `use_solution`).
+    Without `cfg`, the sizes are read off the state dict.
+    """
+    from gpt2_course import parts
+
+    cfg = cfg or config_from_state_dict(hf_state_dict)
+    sd = check_gpt2_state_dict(hf_state_dict, cfg)
+    with parts.using(package or parts.default_package()):
+        if package in (parts.REFERENCE, parts.SOLUTIONS):
+            # their loaders fill every parameter or fail: skip an initialisation they overwrite
+            with torch.device("meta"):
+                model = parts.Transformer(cfg)
+            model = model.to_empty(device="cpu")
+        else:  # a learner's model may hold buffers, or a loader that misses a weight
+            model = parts.Transformer(cfg)
+        parts.load_gpt2_weights(model, sd)
     if device is not None:
         model = model.to(device)
     return model.eval()

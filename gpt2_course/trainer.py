@@ -922,9 +922,9 @@ def _train_command(args: argparse.Namespace) -> int:
             if value is not None:
                 overrides[key] = value
         config = notebook_config(**overrides)
-        package = parts.SOLUTIONS if args.solutions else parts.default_package()
+        package = parts.lent_package() if args.solutions else parts.default_package()
         with parts.using(package):
-            whose = "the reference solutions" if package == parts.SOLUTIONS else "your code"
+            whose = parts.describe_package(package)
             print(f"Training with {whose}.")
             result = train(config, resume=args.resume, progress=not args.no_progress)
     except (TrainingError, ValueError) as error:

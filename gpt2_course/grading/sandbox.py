@@ -121,14 +121,16 @@ def _python_paths() -> list[Path]:
     import sysconfig
 
     import gpt2_course
-    import solutions
 
     folders = {Path(sys.prefix), Path(sys.base_prefix), Path(sys.executable).resolve().parent}
     folders |= {Path(p) for p in site.getsitepackages()}
+    # site folders reached through a .pth file or a user install (not any folder on sys.path)
+    folders |= {Path(p) for p in sys.path if Path(p).name in ("site-packages", "dist-packages")}
     folders |= {Path(sysconfig.get_path(name)) for name in ("stdlib", "platstdlib")}
     folders |= {Path(sysconfig.get_path(name)) for name in ("purelib", "platlib")}
-    # the course itself, not the checkout around it (which may hold the class's submissions)
-    folders |= {Path(gpt2_course.__file__).parent, Path(solutions.__file__).parent}
+    # the course itself, not the checkout around it (which may hold the class's submissions),
+    # and not solutions/: the checks stand on the reference parts, so a runner never needs it
+    folders |= {Path(gpt2_course.__file__).parent}
     resolved = sorted({f.resolve() for f in folders if f.exists()})
     # drop folders inside another one of the list
     return [f for f in resolved if not any(o != f and o in f.parents for o in resolved)]
