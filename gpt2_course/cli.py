@@ -6,7 +6,7 @@ import sys
 from collections.abc import Sequence
 
 # Modules that add their own subcommand through `add_cli(subparsers)`.
-PLUGINS = ["gpt2_course.trainer", "gpt2_course.generation"]
+PLUGINS = ["gpt2_course.trainer", "gpt2_course.generation", "gpt2_course.release"]
 
 
 def _check(args: argparse.Namespace) -> int:
