@@ -6,7 +6,6 @@ GPT-2, verified in tests/test_attention_mlp_block.py):
 * `attn.hook_q` / `hook_k` / `hook_v`: [batch, pos, n_heads, d_head], biases included;
 * `attn.hook_attn_scores`: q.k / sqrt(d_head), already masked, with the future set
   to torch.finfo(float32).min (not -inf), shape [batch, n_heads, query, key];
-* `attn.hook_pattern`: the softmax of those scores; `attn.hook_z`: pattern @ v;
 * `hook_attn_out` (= `attn.hook_out`): z through W_O, summed over heads, plus b_O.
 
 A correct mask may use -inf, finfo.min, -1e9, ...: the mask check therefore
@@ -14,7 +13,6 @@ accepts any value whose softmax weight is 0, and compares the rest exactly.
 """
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +26,7 @@ from gpt2_course.checks.core import (
     Observation,
     Outcome,
     build_cached,
+    call_module,
     compare,
     load_params,
 )
@@ -45,28 +44,6 @@ MASKED_BELOW = -1e30  # a reference score this low is a masked one
 MASK_INPUT = "apply_causal_mask_input"  # the forward check's probe: the scores it masks
 
 
-# --------------------------------------------------------------- shared helpers
-
-
-def nan_aware_compare(actual: Any, expected: Any, atol: float, rtol: float) -> str | None:
-    """`compare`, except that NaN where `expected` (a known mistake's output) has NaN matches."""
-    if isinstance(actual, Tensor) and isinstance(expected, Tensor):
-        nan = torch.isnan(expected) if expected.is_floating_point() else None
-        if nan is not None and nan.any() and actual.shape == expected.shape:
-            if not torch.equal(torch.isnan(actual), nan):
-                return "NaN in different places"
-            actual, expected = actual.masked_fill(nan, 0.0), expected.masked_fill(nan, 0.0)
-    return compare(actual, expected, atol, rtol)
-
-
-def same_observation(mine: Outcome, other: Outcome, case: Case) -> bool:
-    """The same output and the same probes (NaN matching NaN), as a fingerprint compares them."""
-    if mine.probes.keys() != other.probes.keys():
-        return False
-    pairs = [(mine.output, other.output)] + [(mine.probes[k], other.probes[k]) for k in mine.probes]
-    return all(nan_aware_compare(a, b, case.atol, case.rtol) is None for a, b in pairs)
-
-
 def random_attention_params(cfg: TransformerConfig, seed: int, scale: float) -> dict[str, Tensor]:
     """Weights large enough that scores are O(1) after scaling, and non-zero biases.
 
@@ -75,35 +52,19 @@ def random_attention_params(cfg: TransformerConfig, seed: int, scale: float) -> 
     """
     h, m, d = cfg.n_heads, cfg.d_model, cfg.d_head
     w = scale / math.sqrt(m) * 1.6  # q and k of std ~1.6 * scale for unit-variance inputs
-    return {
-        "W_Q": randn(h, m, d, seed=seed, scale=w),
-        "W_K": randn(h, m, d, seed=seed + 1, scale=w),
-        "W_V": randn(h, m, d, seed=seed + 2, scale=w),
-        "W_O": randn(h, d, m, seed=seed + 3, scale=1 / math.sqrt(h * d)),
-        "b_Q": randn(h, d, seed=seed + 4, scale=0.5),
-        "b_K": randn(h, d, seed=seed + 5, scale=0.5),
-        "b_V": randn(h, d, seed=seed + 6, scale=0.5),
-        "b_O": randn(m, seed=seed + 7, scale=1.0),
-    }
+    params = {f"W_{n}": randn(h, m, d, seed=seed + i, scale=w) for i, n in enumerate("QKV")}
+    params["W_O"] = randn(h, d, m, seed=seed + 3, scale=1 / math.sqrt(h * d))
+    params |= {f"b_{n}": randn(h, d, seed=seed + 4 + i, scale=0.5) for i, n in enumerate("QKV")}
+    params["b_O"] = randn(m, seed=seed + 7, scale=1.0)
+    return params
 
 
-def reference_attention(x: Tensor, params: dict[str, Tensor]) -> Observation:
-    """Causal attention from torch's own kernels: the output, and the scaled scores
-    before masking (what a forward should give `apply_causal_mask`)."""
-    W_Q, W_K, W_V, W_O, b_Q, b_K, b_V, b_O = (params[name] for name in ATTENTION_PARAMS)
-    q, k, v = (
-        torch.einsum("bpm,hmd->bhpd", x, W) + b[:, None, :]
-        for W, b in ((W_Q, b_Q), (W_K, b_K), (W_V, b_V))
-    )
-    z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scales by 1/sqrt(d_head)
-    out = torch.einsum("bhpd,hdm->bpm", z, W_O) + b_O
-    return Observation(out, {MASK_INPUT: q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])})
-
-
-def reference_attention_params(layer: int) -> dict[str, Tensor]:
-    """The reference's attention weights of block `layer`, by their TransformerLens names."""
-    attn = get_reference().bridge.blocks[layer].attn
-    return {name: getattr(attn, name).detach().clone() for name in ATTENTION_PARAMS}
+def real_runs(layers: tuple[int, int]) -> list[tuple[str, dict[str, Tensor], int]]:
+    """(name, the reference's activations, a layer) for the two stored reference runs."""
+    return [
+        ("real text", text_run()[1], layers[0]),
+        ("batch of 3 texts", batch_run()[1], layers[1]),
+    ]
 
 
 def real_scores(acts: dict[str, Tensor], layer: int) -> Tensor:
@@ -116,18 +77,11 @@ def real_scores(acts: dict[str, Tensor], layer: int) -> Tensor:
 
 
 def mask_cases() -> list[Case]:
-    _, text_acts = text_run()
-    _, batch_acts = batch_run()
-    cases = [
+    cases = []
+    for name, acts, layer in real_runs((0, 6)):
         # the reference's own masked scores: the hook the learner's mask is compared with
-        Case(
-            f"{name}, blocks.{layer} scores",
-            (real_scores(acts, layer),),
-            cfg=GPT2_SMALL,
-            expected=acts[f"blocks.{layer}.attn.hook_attn_scores"],
-        )
-        for name, acts, layer in [("real text", text_acts, 0), ("batch of 3 texts", batch_acts, 6)]
-    ]
+        scores, expected = real_scores(acts, layer), acts[f"blocks.{layer}.attn.hook_attn_scores"]
+        cases.append(Case(f"{name}, blocks.{layer} scores", (scores,), None, GPT2_SMALL, expected))
     for seed, shape, scale in [
         (51, (2, 3, 5, 5), 1.0),
         (52, (1, 12, 17, 17), 30.0),
@@ -136,15 +90,8 @@ def mask_cases() -> list[Case]:
         scores = randn(*shape, seed=seed, scale=scale)
         future = torch.ones(shape[-2:], dtype=torch.bool).triu(1)
         expected = scores.masked_fill(future, torch.finfo(scores.dtype).min)  # as the reference
-        cases.append(
-            Case(
-                f"random scores {list(shape)}, scale {scale:g}",
-                (scores,),
-                cfg=GPT2_SMALL,
-                expected=expected,
-                seeded=True,
-            )
-        )
+        name = f"random scores {list(shape)}, scale {scale:g}"
+        cases.append(Case(name, (scores,), cfg=GPT2_SMALL, expected=expected, seeded=True))
     return cases
 
 
@@ -152,11 +99,8 @@ def compare_mask(
     actual: Any, expected: Tensor, atol: float = ATOL, rtol: float = RTOL
 ) -> str | None:
     """Visible scores unchanged; masked ones so negative that the softmax gives them 0."""
-    if (
-        not isinstance(actual, Tensor)
-        or actual.shape != expected.shape
-        or actual.dtype != expected.dtype
-    ):
+    form = (actual.shape, actual.dtype) if isinstance(actual, Tensor) else None
+    if form != (expected.shape, expected.dtype):
         return compare(actual, expected, atol, rtol)
     actual, expected = actual.detach().cpu(), expected.detach().cpu()
     if torch.isnan(actual).any():
@@ -204,23 +148,13 @@ def judge_mask(outcome: Outcome, case: Case) -> str | None:
     return problem
 
 
-def call_mask() -> Callable[[Any, Case], Any]:
-    cache: dict = {}
-
-    def call(cls: Any, case: Case) -> Any:
-        return build_cached(cache, cls, case.cfg).apply_causal_mask(*case.args)
-
-    return call
-
-
 register(
     Check(
         "attention.MultiHeadAttention.apply_causal_mask",
         "causal mask on attention scores",
         mask_cases,
-        call_mask(),
+        call_module("apply_causal_mask"),
         judge_case=judge_mask,
-        same=same_observation,
     )
 )
 
@@ -229,63 +163,56 @@ register(
 
 
 def attention_cases() -> list[Case]:
-    _, text_acts = text_run()
-    _, batch_acts = batch_run()
     cases = []
-    for name, acts, layer in [("real text", text_acts, 0), ("batch of 3 texts", batch_acts, 7)]:
+    for name, acts, layer in real_runs((0, 7)):
+        attn = get_reference().bridge.blocks[layer].attn
+        params = {n: getattr(attn, n).detach().clone() for n in ATTENTION_PARAMS}
         expected = Observation(
             acts[f"blocks.{layer}.hook_attn_out"], {MASK_INPUT: real_scores(acts, layer)}
         )
-        cases.append(
-            Case(
-                f"{name}, blocks.{layer}.attn",
-                (acts[f"blocks.{layer}.ln1.hook_out"],),
-                reference_attention_params(layer),
-                GPT2_SMALL,
-                expected,
-            )
-        )
+        x = acts[f"blocks.{layer}.ln1.hook_out"]
+        cases.append(Case(f"{name}, blocks.{layer}.attn", (x,), params, GPT2_SMALL, expected))
     for seed, cfg, shape, scale, label in [
         (61, GPT2_SMALL, (2, 11), 1.0, "random weights and biases"),
         (62, GPT2_SMALL, (1, 9), 4.0, "random weights, large scores"),
         (63, ODD_D_HEAD, (3, 7), 1.0, "random weights, d_model=48, 3 heads of d_head=8"),
     ]:
-        params = random_attention_params(cfg, seed, scale)
+        p = random_attention_params(cfg, seed, scale)
         x = randn(*shape, cfg.d_model, seed=seed + 10)
-        cases.append(Case(label, (x,), params, cfg, reference_attention(x, params), seeded=True))
+        # expected from torch's own kernels, with the scaled scores before masking as the probe
+        q, k, v = (
+            torch.einsum("bpm,hmd->bhpd", x, p[f"W_{n}"]) + p[f"b_{n}"][:, None] for n in "QKV"
+        )
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scales by 1/sqrt(d_head)
+        out = torch.einsum("bhpd,hdm->bpm", z, p["W_O"]) + p["b_O"]
+        scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.d_head)
+        expected = Observation(out, {MASK_INPUT: scores})
+        cases.append(Case(label, (x,), p, cfg, expected, seeded=True))
     return cases
 
 
-def call_attention() -> Callable[[Any, Case], Any]:
+_built: dict = {}
+
+
+def call_attention(cls: Any, case: Case) -> Observation:
     """Run forward, recording the scores it first passes to apply_causal_mask (a method,
     so wrapped on the instance; a submodule would take a forward pre-hook)."""
-    cache: dict = {}
+    module = build_cached(_built, cls, case.cfg)
+    load_params(module, case.params or {}, getattr(cls, "__name__", "your module"))
+    module.eval()
+    probes: dict[str, Tensor] = {}
+    mask = getattr(module, "apply_causal_mask", None)
+    if callable(mask):
 
-    def call(cls: Any, case: Case) -> Observation:
-        module = build_cached(cache, cls, case.cfg)
-        load_params(module, case.params or {}, getattr(cls, "__name__", "your module"))
-        module.eval()
-        probes: dict[str, Tensor] = {}
-        mask = getattr(module, "apply_causal_mask", None)
-        if callable(mask):
+        def recording_mask(scores, *args, **kwargs):
+            probes.setdefault(MASK_INPUT, scores.detach().clone())
+            return mask(scores, *args, **kwargs)
 
-            def recording_mask(scores, *args, **kwargs):
-                probes.setdefault(MASK_INPUT, scores.detach().clone())
-                return mask(scores, *args, **kwargs)
-
-            module.apply_causal_mask = recording_mask
-        try:
-            return Observation(module(*case.args), probes)
-        finally:
-            module.__dict__.pop("apply_causal_mask", None)
-
-    return call
-
-
-NAN_HINT = (
-    "\n  NaN after a softmax usually means a row of scores that are all -inf (every key "
-    "masked, e.g. the diagonal too), or 0 * inf from multiplying the scores by a mask."
-)
+        module.apply_causal_mask = recording_mask
+    try:
+        return Observation(module(*case.args), probes)
+    finally:
+        module.__dict__.pop("apply_causal_mask", None)
 
 
 def judge_attention(outcome: Outcome, case: Case) -> str | None:
@@ -293,41 +220,36 @@ def judge_attention(outcome: Outcome, case: Case) -> str | None:
     if problem is None:
         return None
     if isinstance(outcome.output, Tensor) and torch.isnan(outcome.output).any():
-        problem += NAN_HINT
-    return problem + locate_attention_error(
-        outcome.probes.get(MASK_INPUT), case.expected.probes[MASK_INPUT], case
-    )
-
-
-def locate_attention_error(scores: Tensor | None, ref: Tensor, case: Case) -> str:
+        problem += (
+            "\n  NaN after a softmax usually means a row of scores that are all -inf (every key "
+            "masked, e.g. the diagonal too), or 0 * inf from multiplying the scores by a mask."
+        )
+    scores, ref = outcome.probes.get(MASK_INPUT), case.expected.probes[MASK_INPUT]
+    visible = torch.ones(ref.shape[-2:], dtype=torch.bool).tril()
     if scores is None:
-        return (
+        return problem + (
             "\n  (Your forward does not call self.apply_causal_mask, so the check cannot tell "
             "whether the scores or a later step is wrong.)"
         )
     if scores.shape != ref.shape:
-        return (
+        return problem + (
             f"\n  Where: the scores you pass to apply_causal_mask have shape {list(scores.shape)}; "
             f"expected [batch, n_heads, query_pos, key_pos] = {list(ref.shape)}."
         )
-    if (
-        torch.isfinite(scores).all()
-        and scores.min() >= 0
-        and (scores.sum(-1) - 1).abs().max() < 1e-4
-    ):
-        return (
+    rows_sum_to_1 = (scores.sum(-1) - 1).abs().max() < 1e-4
+    if torch.isfinite(scores).all() and scores.min() >= 0 and rows_sum_to_1:
+        return problem + (
             "\n  Where: what you pass to apply_causal_mask is already a softmax (every row sums to "
             "1): mask the scores before the softmax, so that the visible weights sum to 1."
         )
-    visible = torch.ones(ref.shape[-2:], dtype=torch.bool).tril()
     if compare(scores[..., visible], ref[..., visible], case.atol, case.rtol) is None:
-        return (
+        return problem + (
             "\n  Where: the scores you pass to apply_causal_mask match the reference's "
             "(hook_attn_scores), so queries, keys and the 1/sqrt(d_head) scale are right; the "
             "difference comes later: the mask, the softmax, the weighted sum of values, or W_O "
             "and b_O."
         )
-    return (
+    return problem + (
         "\n  Where: the scores you pass to apply_causal_mask already differ from the reference's "
         "(hook_attn_scores = q.k / sqrt(d_head)): look at the queries, the keys, their biases "
         "and the scale."
@@ -339,8 +261,7 @@ register(
         "attention.MultiHeadAttention",
         "causal multi-head self-attention",
         attention_cases,
-        call_attention(),
+        call_attention,
         judge_case=judge_attention,
-        same=same_observation,
     )
 )

@@ -1,11 +1,9 @@
 """Checks for TransformerBlock (notebook 04).
 
-Only the block's wiring is under test: the check builds the learner's block
-with the reference parts' LayerNorm, attention and MLP (through
-`parts.using(parts.REFERENCE)`), so a bug in another component cannot fail it.
-The reference's hooks (TransformerLens 4.3 bridge): `hook_resid_pre` in,
-`hook_resid_mid` = resid_pre + hook_attn_out, `hook_resid_post` = resid_mid +
-hook_mlp_out.
+Only the block's wiring is under test: the check builds the learner's block with the
+reference parts' LayerNorm, attention and MLP (`parts.using(parts.REFERENCE)`), so a bug in
+another component cannot fail it. The reference's hooks (TransformerLens 4.3 bridge):
+`hook_resid_mid` = hook_resid_pre + hook_attn_out, `hook_resid_post` = resid_mid + hook_mlp_out.
 """
 
 import math
@@ -21,10 +19,10 @@ from gpt2_course.checks.attention import (
     ATTENTION_PARAMS,
     ODD_D_HEAD,
     random_attention_params,
-    same_observation,
+    real_runs,
 )
 from gpt2_course.checks.core import Case, Observation, Outcome, build_cached, compare, load_params
-from gpt2_course.checks.reference_data import GPT2_SMALL, batch_run, randn, text_run
+from gpt2_course.checks.reference_data import GPT2_SMALL, randn
 from gpt2_course.checks.registry import Check, register
 from gpt2_course.config import TransformerConfig
 from gpt2_course.reference import get_reference
@@ -36,16 +34,6 @@ BLOCK_PARAMS = (
     + [f"mlp.{name}" for name in ("W_in", "b_in", "W_out", "b_out")]
     + [f"{ln}.{name}" for ln in ("ln1", "ln2") for name in ("w", "b")]
 )
-ISOLATION_NOTE = (
-    "\n  (The check builds your block with the reference LayerNorm, attention and MLP, so only "
-    "the wiring in your forward is tested.)"
-)
-
-
-def reference_block_params(layer: int) -> dict[str, Tensor]:
-    """Every weight of the reference's block `layer`, by the names of a course block."""
-    block = get_reference().bridge.blocks[layer]
-    return {name: attrgetter(name)(block).detach().clone() for name in BLOCK_PARAMS}
 
 
 def random_block_params(cfg: TransformerConfig, seed: int) -> dict[str, Tensor]:
@@ -65,48 +53,39 @@ def random_block_params(cfg: TransformerConfig, seed: int) -> dict[str, Tensor]:
     return params
 
 
-def call_block() -> Callable[[Any, Case], Any]:
+def call_block() -> Callable[[Any, Case], Observation]:
     """Build the block from the reference parts; run forward, recording what ln2 is first given."""
-    cache: dict = {}
+    built: dict = {}
 
     def call(cls: Any, case: Case) -> Observation:
         with parts.using(parts.REFERENCE):
-            module = build_cached(cache, cls, case.cfg)
+            module = build_cached(built, cls, case.cfg)
         load_params(module, case.params or {}, getattr(cls, "__name__", "your module"))
-        module.eval()
         probes: dict[str, Tensor] = {}
 
         def record(_module, args, kwargs):
             x = args[0] if args else next(iter(kwargs.values()), None)
             probes.setdefault(LN2_INPUT, x.detach().clone())
 
-        ln2 = getattr(module, "ln2", None)
-        hook = (
-            ln2.register_forward_pre_hook(record, with_kwargs=True)
-            if isinstance(ln2, nn.Module)
-            else None
-        )
-        try:
+        ln2 = getattr(module.eval(), "ln2", None)
+        if not isinstance(ln2, nn.Module):
+            return Observation(module(*case.args))
+        with ln2.register_forward_pre_hook(record, with_kwargs=True):  # removed on leaving
             return Observation(module(*case.args), probes)
-        finally:
-            if hook is not None:
-                hook.remove()
 
     return call
 
 
 def block_cases() -> list[Case]:
-    _, text_acts = text_run()
-    _, batch_acts = batch_run()
     cases = []
-    for name, acts, layer in [("real text", text_acts, 0), ("batch of 3 texts", batch_acts, 11)]:
-        expected = Observation(
-            acts[f"blocks.{layer}.hook_resid_post"],
-            {LN2_INPUT: acts[f"blocks.{layer}.hook_resid_mid"]},
+    for name, acts, layer in real_runs((0, 11)):
+        block = get_reference().bridge.blocks[layer]
+        params = {name: attrgetter(name)(block).detach().clone() for name in BLOCK_PARAMS}
+        hook = f"blocks.{layer}.hook_resid_"
+        expected = Observation(acts[hook + "post"], {LN2_INPUT: acts[hook + "mid"]})
+        cases.append(
+            Case(f"{name}, blocks.{layer}", (acts[hook + "pre"],), params, GPT2_SMALL, expected)
         )
-        x = acts[f"blocks.{layer}.hook_resid_pre"]
-        params = reference_block_params(layer)
-        cases.append(Case(f"{name}, blocks.{layer}", (x,), params, GPT2_SMALL, expected))
     # Random-weight GPT-2's two LayerNorms are identical and its residual stream is
     # small, so a shared LayerNorm or a post-LN block would pass the cases above.
     reference = call_block()
@@ -130,20 +109,23 @@ def judge_block(outcome: Outcome, case: Case) -> str | None:
     ln2_input = outcome.probes.get(LN2_INPUT)
     if ln2_input is None:
         where = (
-            "\n  Where: your forward never calls self.ln2. Each sublayer has its own LayerNorm: "
+            "your forward never calls self.ln2. Each sublayer has its own LayerNorm: "
             "ln1 before the attention, ln2 before the MLP."
         )
     elif compare(ln2_input, case.expected.probes[LN2_INPUT], case.atol, case.rtol) is None:
         where = (
-            "\n  Where: what you give ln2 matches hook_resid_mid, so the attention half is right; "
+            "what you give ln2 matches hook_resid_mid, so the attention half is right; "
             "look at the MLP half: resid_post = resid_mid + mlp(ln2(resid_mid))."
         )
     else:
         where = (
-            "\n  Where: what you give ln2 differs from hook_resid_mid = resid_pre + "
+            "what you give ln2 differs from hook_resid_mid = resid_pre + "
             "attn(ln1(resid_pre)): look at the attention half first."
         )
-    return problem + where + ISOLATION_NOTE
+    return (
+        f"{problem}\n  Where: {where}\n  (The check builds your block with the reference "
+        "LayerNorm, attention and MLP, so only the wiring in your forward is tested.)"
+    )
 
 
 register(
@@ -153,6 +135,5 @@ register(
         block_cases,
         call_block(),
         judge_case=judge_block,
-        same=same_observation,
     )
 )

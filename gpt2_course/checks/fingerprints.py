@@ -72,16 +72,21 @@ def _directions(n: int, seed: int) -> Tensor:
     return (signs.double() * 2 - 1) / math.sqrt(max(n, 1))
 
 
-def _tensor_print(value: Tensor, reference: Any, case: Case, seed: int) -> dict:
-    flat = value.detach().reshape(-1).cpu()
-    out: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype)}
-    if not flat.is_floating_point():
-        out["hash"] = _digest(flat.tolist())
-        return out
-    flat = flat.double()
+def _finite(value: Tensor) -> tuple[Tensor, str]:
+    """The values flat in float64 with NaN and inf at 0, and a hash of where those were."""
+    flat = value.detach().reshape(-1).cpu().double()
     finite = torch.isfinite(flat)
-    out["nonfinite"] = _digest([flat[~finite].tolist(), (~finite).nonzero().reshape(-1).tolist()])
-    clean = torch.where(finite, flat, torch.zeros_like(flat))
+    where = _digest([flat[~finite].tolist(), (~finite).nonzero().reshape(-1).tolist()])
+    return torch.where(finite, flat, torch.zeros_like(flat)), where
+
+
+def _tensor_print(value: Tensor, reference: Any, case: Case, seed: int) -> dict:
+    out: dict[str, Any] = {"shape": list(value.shape), "dtype": str(value.dtype)}
+    if not value.is_floating_point():
+        out["hash"] = _digest(value.reshape(-1).tolist())
+        return out
+    clean, out["nonfinite"] = _finite(value)
+    finite = torch.isfinite(value.detach().reshape(-1).cpu())
     spots: list[int] = []
     if (
         isinstance(reference, Tensor)
@@ -91,10 +96,10 @@ def _tensor_print(value: Tensor, reference: Any, case: Case, seed: int) -> dict:
         gap = (clean - reference.detach().reshape(-1).double().nan_to_num()).abs()
         spots += gap.topk(min(SPOTS, gap.numel())).indices.tolist()
     g = torch.Generator().manual_seed(seed)
-    spots += torch.randint(0, max(flat.numel(), 1), (RANDOM_SPOTS,), generator=g).tolist()
-    spots = [s for s in dict.fromkeys(spots) if s < flat.numel() and finite[s]]
+    spots += torch.randint(0, max(clean.numel(), 1), (RANDOM_SPOTS,), generator=g).tolist()
+    spots = [s for s in dict.fromkeys(spots) if s < clean.numel() and finite[s]]
     out["spots"] = [[s, clean[s].item()] for s in spots]
-    directions = _directions(flat.numel(), seed)
+    directions = _directions(clean.numel(), seed)
     # a right answer may differ by atol + rtol * |value| per element; through a direction u
     # that adds up to at most sum(|u_i| * allowed_i)
     allowed = case.atol + case.rtol * clean.abs()
@@ -139,19 +144,16 @@ def _leaf_matches(value: Any, stored: dict, case: Case, seed: int) -> bool:
             return False
         if list(value.shape) != stored["shape"] or str(value.dtype) != stored["dtype"]:
             return False
-        flat = value.detach().reshape(-1).cpu()
         if "hash" in stored:
-            return not flat.is_floating_point() and _digest(flat.tolist()) == stored["hash"]
-        flat = flat.double()
-        finite = torch.isfinite(flat)
-        nonfinite = _digest([flat[~finite].tolist(), (~finite).nonzero().reshape(-1).tolist()])
+            flat = value.reshape(-1).tolist()
+            return not value.is_floating_point() and _digest(flat) == stored["hash"]
+        clean, nonfinite = _finite(value)
         if nonfinite != stored["nonfinite"]:
             return False
-        clean = torch.where(finite, flat, torch.zeros_like(flat))
         for spot, expected in stored["spots"]:
             if abs(clean[spot].item() - expected) > case.atol + case.rtol * abs(expected):
                 return False
-        directions = _directions(flat.numel(), seed)
+        directions = _directions(clean.numel(), seed)
         return all(
             abs((u @ clean).item() - projection) <= allowed
             for u, (projection, allowed) in zip(directions, stored["proj"], strict=True)

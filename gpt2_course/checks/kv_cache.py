@@ -1,12 +1,9 @@
-"""Checks for the KV cache (notebook 08): `KVCache` against the concatenation of what
-was stored; `forward_with_cache`, fed a prompt then single tokens and chunks, against
-Hugging Face GPT-2 run on the same chunks with its own cache; `generate_with_cache`
-against Hugging Face's `generate` (greedy, penalised, with eos, sampled with a seed),
-without calling the uncached `model(tokens)`; and each with a clear error past n_ctx.
-
-The models are course Transformers of reference parts holding a Hugging Face GPT-2's
-weights: the sampling checks' small one with seeded weights (n_ctx 64, so "up to
-n_ctx" costs little) and GPT-2 small with the reference's weights.
+"""Checks for the KV cache (notebook 08): `KVCache`; `forward_with_cache`, fed a prompt then
+single tokens and chunks, against Hugging Face GPT-2 run on the same chunks with its own cache;
+`generate_with_cache` against Hugging Face's `generate`, without calling the uncached
+`model(tokens)`; and each with a clear error past n_ctx. The models are course Transformers of
+reference parts holding the sampling checks' small seeded GPT-2 (n_ctx 64, so "up to n_ctx"
+costs little) or GPT-2 small with the reference's weights.
 """
 
 import re
@@ -16,6 +13,7 @@ from functools import cache
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2_course import parts
@@ -89,6 +87,16 @@ def judged_by(compare_values: Callable[[Any, Tensor], str | None]):
     return judge
 
 
+def checked(name: str, title: str, make_cases: Callable[[], list[Case]], values=compare):
+    """Register the decorated call as the check `kv_cache.<name>`."""
+
+    def register_call(call: Callable[[Any, Case], Any]) -> Callable[[Any, Case], Any]:
+        register(Check(f"kv_cache.{name}", title, make_cases, call, judge_case=judged_by(values)))
+        return call
+
+    return register_call
+
+
 # =============================================================== KVCache
 
 
@@ -102,41 +110,37 @@ def cache_script(positions: list[int]) -> list[tuple[int, Tensor, Tensor]]:
     return script
 
 
+def cache_cases() -> list[Case]:
+    half_done = "length while a step is half done (layer 0 has 4 positions, layer 1 still 3)"
+    over, cases = "storing a 9th position in a cache for n_ctx = 8", []
+    for name, positions, upto, want in [
+        ("layer 0's keys after a 3-position prompt", [3, 1, 1], 1, "keys"),
+        ("layer 0's keys after the prompt and 2 single tokens", [3, 1, 1], 5, "keys"),
+        ("layer 1's values after the prompt and 2 single tokens", [3, 1, 1], 6, "values"),
+        ("length after the prompt and 2 single tokens", [3, 1, 1], 6, "length"),
+        (half_done, [3, 1, 1], 3, "length"),
+        ("filled to exactly n_ctx = 8 positions", [6, 1, 1], 6, "keys"),
+        ("one position more than n_ctx = 8", [6, 1, 1, 1], 7, "error"),
+    ]:
+        script = cache_script(positions)
+        expected = over if want == "error" else stored(script, upto, want)
+        cases.append(Case(name, (script, upto, want), expected=expected, seeded=True))
+    return cases
+
+
 def stored(script: list, upto: int, want: str) -> Tensor:
     """What the cache holds after the first `upto` updates: the last updated layer's keys
-    or values, or the positions that every layer holds."""
+    or values (torch.cat of what it was given), or the positions every layer holds."""
     held = [0] * CACHE_CFG.n_layers
     for layer, keys, _ in script[:upto]:
         held[layer] += keys.shape[2]
     if want == "length":
         return torch.tensor([min(held)])
     which, layer = 1 if want == "keys" else 2, script[upto - 1][0]
-    return torch.cat([e[which] for e in script[:upto] if e[0] == layer], dim=2)
+    return torch.cat([step[which] for step in script[:upto] if step[0] == layer], dim=2)
 
 
-def cache_cases() -> list[Case]:
-    script, full = cache_script([3, 1, 1]), cache_script([6, 1, 1])  # full: exactly n_ctx
-    cases = [
-        Case(name, (s, upto, want), expected=stored(s, upto, want), seeded=True)
-        for name, s, upto, want in [
-            ("layer 0's keys after a 3-position prompt", script, 1, "keys"),
-            ("layer 0's keys after the prompt and 2 single tokens", script, 5, "keys"),
-            ("layer 1's values after the prompt and 2 single tokens", script, 6, "values"),
-            ("length after the prompt and 2 single tokens", script, 6, "length"),
-            (
-                "length while a step is half done (layer 0 has 4 positions, layer 1 still 3)",
-                script,
-                3,
-                "length",
-            ),
-            ("filled to exactly n_ctx = 8 positions", full, 6, "keys"),
-        ]
-    ]
-    over = "storing a 9th position in a cache for n_ctx = 8"
-    args = (cache_script([6, 1, 1, 1]), 7, "error")
-    return [*cases, Case("one position more than n_ctx = 8", args, expected=over, seeded=True)]
-
-
+@checked("KVCache", "a cache of keys and values", cache_cases)
 def call_cache(cls: Any, case: Case) -> Any:
     script, upto, want = case.args
     try:
@@ -158,16 +162,6 @@ def call_cache(cls: Any, case: Case) -> Any:
     return returned[0 if want == "keys" else 1]
 
 
-register(
-    Check(
-        "kv_cache.KVCache",
-        "a cache of keys and values",
-        cache_cases,
-        call_cache,
-        judge_case=judged_by(compare),
-    )
-)
-
 # =============================================================== forward_with_cache
 
 
@@ -184,38 +178,26 @@ def hf_cached_logits(tokens: Tensor, chunks: list[int]) -> Tensor:
 
 def forward_cases() -> list[Case]:
     small, tokens = seeded_model(), prompts(2, PEAKED_GPT2.n_ctx, seed=871)
+    offset = "a 4-token prompt, then chunks of 3, 1 and 5 tokens (the mask needs the offset)"
     cases = [
         Case(name, (small, tokens, chunks), expected=hf_cached_logits(tokens, chunks), seeded=True)
         for name, chunks in [
             ("a 6-token prompt, then 6 single tokens", [6] + [1] * 6),
-            (
-                "a 4-token prompt, then chunks of 3, 1 and 5 tokens (the mask needs the offset)",
-                [4, 3, 1, 5],
-            ),
+            (offset, [4, 3, 1, 5]),
             ("a 40-token prompt, then single tokens up to exactly n_ctx = 64", [40] + [1] * 24),
         ]
     ]
-    gpt2 = "GPT-2 small (reference weights): a 6-token prompt, then 2 single tokens"
     # TransformerLens on the whole text: causal, so its first 8 positions are the 8 tokens'
-    cases.append(
-        Case(
-            gpt2,
-            (gpt2_course_model(), text_tokens()[:, :8], [6, 1, 1]),
-            expected=text_run()[0][:, :8],
-        )
-    )
-    over = torch.cat([tokens, tokens[:, :1]], dim=1)
-    return [
-        *cases,
-        Case(
-            "one token after n_ctx = 64 cached positions",
-            (small, over, [64, 1]),
-            expected="feeding a 65th token to a model with n_ctx = 64",
-            seeded=True,
-        ),
-    ]
+    gpt2 = (gpt2_course_model(), text_tokens()[:, :8], [6, 1, 1])
+    name = "GPT-2 small (reference weights): a 6-token prompt, then 2 single tokens"
+    cases.append(Case(name, gpt2, expected=text_run()[0][:, :8]))
+    over = (small, torch.cat([tokens, tokens[:, :1]], dim=1), [64, 1])
+    what = "feeding a 65th token to a model with n_ctx = 64"
+    name = "one token after n_ctx = 64 cached positions"
+    return [*cases, Case(name, over, expected=what, seeded=True)]
 
 
+@checked("forward_with_cache", "a forward pass that reads and extends the cache", forward_cases)
 def call_forward(fn: Any, case: Case) -> Any:
     model, tokens, chunks = case.args
     kv, outputs = KVCache(model.cfg, tokens.shape[0], capacity=sum(chunks)), []
@@ -233,16 +215,6 @@ def call_forward(fn: Any, case: Case) -> Any:
     return torch.cat(outputs, dim=1)
 
 
-register(
-    Check(
-        "kv_cache.forward_with_cache",
-        "a forward pass that reads and extends the cache",
-        forward_cases,
-        call_forward,
-        judge_case=judged_by(compare),
-    )
-)
-
 # =============================================================== generate_with_cache
 
 
@@ -256,9 +228,7 @@ def hf_generate(tokens: Tensor, max_new_tokens: int, **settings: Any) -> Tensor:
     class FrequencyPenalty(LogitsProcessor):  # Hugging Face has no additive one
         def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
             new = input_ids[:, tokens.shape[1] :]
-            counts = torch.zeros_like(scores).scatter_add_(
-                -1, new, torch.ones_like(scores[:, :1]).expand_as(new)
-            )
+            counts = F.one_hot(new, scores.shape[-1]).sum(1)
             return scores - settings.get("frequency_penalty", 0.0) * counts
 
     eos, temperature = settings.get("eos_token_id"), settings.get("temperature", 1.0)
@@ -277,63 +247,41 @@ def hf_generate(tokens: Tensor, max_new_tokens: int, **settings: Any) -> Tensor:
         )
 
 
-@torch.no_grad()
-def reference_greedy(tokens: Tensor, max_new_tokens: int) -> Tensor:
-    """Greedy tokens from the TransformerLens reference, one uncached pass per token."""
-    for _ in range(max_new_tokens):
-        logits, _ = get_reference().run_with_cache(tokens)
-        tokens = torch.cat([tokens, logits[:, -1:].argmax(-1)], dim=1)
-    return tokens
-
-
-def eos_for(free: Tensor, prompt_len: int, step: int = 3) -> int:
-    """A token that row 0 generates first at `step` or later and no other row generates."""
-    row, others = free[0, prompt_len:].tolist(), set(free[1:, prompt_len:].flatten().tolist())
-    return next(t for i, t in enumerate(row) if i >= step and t not in others | set(row[:i]))
-
-
 def generate_cached_cases() -> list[Case]:
     runner = NoUncachedForward(seeded_model())
     short, greedy = prompts(2, 5, seed=887), {"temperature": 0.0}
     free = hf_generate(short, 12, **greedy)
-    eos = eos_for(free, 5)
+    # eos: a token that row 0 generates first at step 3 or later and no other row generates
+    row, others = free[0, 5:].tolist(), set(free[1:, 5:].flatten().tolist())
+    eos = next(t for i, t in enumerate(row) if i >= 3 and t not in others | set(row[:i]))
     sampled = {"temperature": 0.9, "top_k": 20, "seed": 5}
+    penalised, wide = greedy | {"frequency_penalty": 1.5}, prompts(3, 5, seed=883)
     cases = [
         Case(name, (runner, p, n, s), expected=hf_generate(p, n, **s), seeded=True)
         for name, p, n, s in [
             ("greedy, 2 prompts, 12 tokens", short, 12, greedy),
-            (
-                "greedy, 3 prompts, up to exactly n_ctx = 64 tokens",
-                prompts(3, 5, seed=883),
-                59,
-                greedy,
-            ),
+            ("greedy, 3 prompts, up to exactly n_ctx = 64 tokens", wide, 59, greedy),
             # prompts ending in greedy's first tokens, which it repeats: counting the
             # prompt's tokens in the penalty changes the answer
-            (
-                "greedy with frequency penalty 1.5",
-                free[:, :9],
-                12,
-                greedy | {"frequency_penalty": 1.5},
-            ),
+            ("greedy with frequency penalty 1.5", free[:, :9], 12, penalised),
             (f"greedy, eos {eos} ends row 0 early", short, 12, greedy | {"eos_token_id": eos}),
             ("sampling with seed 5, temperature 0.9, top-k 20: the same draws", short, 12, sampled),
         ]
     ]
-    text = text_tokens()[:, :6]
-    cases.append(
-        Case(
-            "GPT-2 small (reference weights), greedy, 3 tokens",
-            (NoUncachedForward(gpt2_course_model()), text, 3, greedy),
-            expected=reference_greedy(text, 3),
-        )
-    )
+    text = greedy_text = text_tokens()[:, :6]
+    for _ in range(3):  # greedy tokens from the TransformerLens reference, one uncached pass each
+        logits, _ = get_reference().run_with_cache(greedy_text)
+        greedy_text = torch.cat([greedy_text, logits[:, -1:].argmax(-1)], dim=1)
+    gpt2 = (NoUncachedForward(gpt2_course_model()), text, 3, greedy)
+    name = "GPT-2 small (reference weights), greedy, 3 tokens"
+    cases.append(Case(name, gpt2, expected=greedy_text))
     over = (runner, prompts(1, 60, seed=884), 5, greedy)
     what = "asking for 60 + 5 tokens from a model with n_ctx = 64"
     name = "a 60-token prompt and 5 new tokens with n_ctx = 64"
     return [*cases, Case(name, over, expected=what, seeded=True)]
 
 
+@checked("generate_with_cache", "generation with the cache", generate_cached_cases, compare_tokens)
 def call_generate_cached(fn: Any, case: Case) -> Any:
     model, tokens, max_new_tokens, settings = case.args
     # The check is about the cache: the next token comes from the reference sample_next_token.
@@ -342,14 +290,3 @@ def call_generate_cached(fn: Any, case: Case) -> Any:
         if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
             return context_error(lambda: fn(model, tokens, max_new_tokens, **settings))
         return fn(model, tokens, max_new_tokens, **settings)
-
-
-register(
-    Check(
-        "kv_cache.generate_with_cache",
-        "generation with the cache",
-        generate_cached_cases,
-        call_generate_cached,
-        judge_case=judged_by(compare_tokens),
-    )
-)

@@ -9,30 +9,22 @@
   from `randn` (the same on every CPU) and are large enough (scale 0.3) that the
   next-token distributions are peaked: greedy margins, eos and beams all matter.
 * Sampling statistically, where nothing deterministic can be checked: many
-  draws with a seeded generator, returned as frequencies [groups, d_vocab].
-  Judged per token against the probability (5 standard errors plus half a
-  count; never a token of probability 0); two sets of draws (yours and a
-  mistake's, also on another CPU) behave the same within the case's atol/rtol,
-  a band that covers 5 standard errors of the difference of two frequencies.
+  draws with a seeded generator, returned as frequencies [groups, d_vocab] and
+  judged per token against the probability (5 standard errors plus half a count;
+  never a token of probability 0).
 """
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gpt2_course.checks.core import (
-    Case,
-    CheckSetupError,
-    Observation,
-    Outcome,
-    compare,
-    same_output,
-)
+from gpt2_course.checks.core import Case, CheckSetupError, Observation, Outcome, compare
 from gpt2_course.checks.reference_data import batch_run, batch_tokens, generator, randn, text_run
 from gpt2_course.checks.registry import Check, register
 from gpt2_course.config import TransformerConfig, hf_config
@@ -42,17 +34,15 @@ NEG_INF = float("-inf")
 Z = 5.0  # standard errors allowed in the statistical cases
 DRAWS = 20_000  # draws per distribution in the statistical cases
 SAMPLING_SEED = 20240607
-# Two frequencies from DRAWS draws each differ by up to Z * sqrt(2 p (1 - p) / DRAWS);
-# since sqrt(p) <= (0.5 + 2 p) / 2, atol + rtol * p below covers that for every p.
+# Two sets of draws (yours and a mistake's, maybe on another CPU) behave the same when their
+# frequencies differ by up to Z * sqrt(2 p (1 - p) / DRAWS); since sqrt(p) <= (0.5 + 2 p) / 2,
+# atol + rtol * p below covers that for every p.
 DRAWS_ATOL, DRAWS_RTOL = Z * (2 / DRAWS) ** 0.5 / 4, Z * (2 / DRAWS) ** 0.5
 
 # A small GPT-2 whose randn weights (scale 0.3) give peaked next-token distributions.
 PEAKED_GPT2 = TransformerConfig(
     d_model=64, d_vocab=512, n_ctx=64, d_head=16, n_heads=4, d_mlp=256, n_layers=2, init_range=0.3
 )
-
-
-# =============================================================== models the checks use
 
 
 class HFLogits(nn.Module):
@@ -82,30 +72,23 @@ class BigramModel(nn.Module):
         return self.table[tokens]
 
 
-def small_hf_model(seed: int, cfg: TransformerConfig = PEAKED_GPT2) -> nn.Module:
-    """A Hugging Face GPT-2 of config `cfg` with weights from `randn`: the same on every CPU
-    (torch's own normal_ init is not). LayerNorms start at w = 1, b = 0, like GPT-2's."""
+@cache
+def small_model(seed: int = 0) -> HFLogits:
+    """A Hugging Face GPT-2 of config PEAKED_GPT2 with weights from `randn`: the same on every
+    CPU (torch's own normal_ init is not). LayerNorms start at w = 1, b = 0, like GPT-2's."""
     from transformers import GPT2LMHeadModel
 
-    hf_cfg = hf_config(cfg, bos_token_id=None, eos_token_id=None)
     with torch.device("meta"):
-        model = GPT2LMHeadModel(hf_cfg)
+        model = GPT2LMHeadModel(hf_config(PEAKED_GPT2, bos_token_id=None, eos_token_id=None))
     state = {}
     for i, (name, value) in enumerate(model.state_dict().items()):
         if ".ln_" in name:
-            state[name] = (
-                torch.ones(value.shape) if name.endswith("weight") else torch.zeros(value.shape)
-            )
+            state[name] = torch.full(value.shape, float(name.endswith("weight")))
         else:
-            state[name] = randn(*value.shape, seed=seed * 1000 + i, scale=cfg.init_range)
+            state[name] = randn(*value.shape, seed=seed * 1000 + i, scale=PEAKED_GPT2.init_range)
     model.load_state_dict(state, assign=True, strict=False)
     model.tie_weights()
-    return model.eval()
-
-
-@cache
-def small_model(seed: int = 0) -> HFLogits:
-    return HFLogits(small_hf_model(seed), PEAKED_GPT2)
+    return HFLogits(model.eval(), PEAKED_GPT2)
 
 
 @cache
@@ -151,10 +134,8 @@ def hf_generate(model: HFLogits, tokens: Tensor, max_new_tokens: int, **settings
         logging.set_verbosity(verbosity)
 
 
-def random_prompts(
-    batch: int, length: int, seed: int, d_vocab: int = PEAKED_GPT2.d_vocab
-) -> Tensor:
-    return torch.randint(0, d_vocab, (batch, length), generator=generator(seed))
+def random_prompts(batch: int, length: int, seed: int) -> Tensor:
+    return torch.randint(0, PEAKED_GPT2.d_vocab, (batch, length), generator=generator(seed))
 
 
 def real_logits() -> Tensor:
@@ -162,20 +143,13 @@ def real_logits() -> Tensor:
     return text_run()[0][0, -6:].clone()
 
 
-# =============================================================== reference transforms
-
-
 def hf_warp(logits: Tensor, temperature: float = 1.0, top_k=None, top_p=None) -> Tensor:
-    from transformers.generation.logits_process import (
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
+    from transformers.generation import logits_process as hf
 
-    logits = TemperatureLogitsWarper(float(temperature))(None, logits.clone())
+    logits = hf.TemperatureLogitsWarper(float(temperature))(None, logits.clone())
     if top_k is not None:
-        logits = TopKLogitsWarper(top_k=top_k)(None, logits)
-    return logits if top_p is None else TopPLogitsWarper(top_p=top_p)(None, logits)
+        logits = hf.TopKLogitsWarper(top_k=top_k)(None, logits)
+    return logits if top_p is None else hf.TopPLogitsWarper(top_p=top_p)(None, logits)
 
 
 def closed_form_penalty(logits: Tensor, tokens: Tensor, penalty: float) -> Tensor:
@@ -193,14 +167,17 @@ def reference_distribution(logits: Tensor, settings: dict[str, Any]) -> Tensor:
     return warped.double().softmax(dim=-1)
 
 
-# =============================================================== judging
-
-
 @dataclass
 class Distribution:
     """Expected output of a statistical case: the probabilities [groups, d_vocab] to draw from."""
 
     probs: Tensor
+
+
+def draws_case(name: str, args: tuple, probs: Tensor) -> Case:
+    return Case(
+        name, args, expected=Distribution(probs), atol=DRAWS_ATOL, rtol=DRAWS_RTOL, seeded=True
+    )
 
 
 def judge_frequencies(freq: Any, probs: Tensor) -> str | None:
@@ -250,6 +227,25 @@ def compare_tokens(actual: Any, expected: Tensor) -> str | None:
     )
 
 
+SEED_FLAGS = [
+    "the same seed gave different tokens on two calls: build one "
+    "torch.Generator from `seed` in each call and pass it to every draw",
+    "seeds 7 and 8 gave the same tokens: the seed is not used",
+    "torch's global random state changed: use a torch.Generator(...).manual_seed(seed), not "
+    "torch.manual_seed(seed), so that generating does not reset everyone else's randomness",
+]
+
+
+def judge_tokens(outcome: Outcome, case: Case) -> str | None:
+    """Token ids exactly, draws against their distribution, or generate's seed flags."""
+    if isinstance(case.expected, Distribution):
+        return judge_frequencies(outcome.output, case.expected.probs)
+    if case.expected.dtype == torch.bool:  # the seed case: SEED_FLAGS, each True when right
+        flags = zip(SEED_FLAGS, outcome.output.tolist(), strict=True)
+        return "; ".join(flag for flag, ok in flags if not ok) or None
+    return compare_tokens(outcome.output, case.expected)
+
+
 def as_token_ids(output: Any, shape: tuple[int, ...], what: str) -> Tensor:
     """The output as token ids of `shape`, or a clear error."""
     problem = compare_tokens(output, torch.zeros(shape, dtype=torch.long))
@@ -264,89 +260,10 @@ def frequencies(tokens: Tensor, groups: int, d_vocab: int) -> Tensor:
     return counts.double() / counts.sum(dim=-1, keepdim=True)
 
 
-# =============================================================== the logit transforms
-
-
 IN_PLACE = (
     "your code changed its input logits in place: build a new tensor instead "
     "(e.g. `logits = logits / t`, not `logits /= t`)"
 )
-
-
-def call_transform(fn: Any, case: Case) -> Observation:
-    """Call a logit transform; the probe records whether it changed its input logits."""
-    before = case.args[0].clone()
-    output = fn(*case.args)
-    return Observation(output, {"changed_input": not torch.equal(case.args[0], before)})
-
-
-def judge_transform(outcome: Outcome, case: Case) -> str | None:
-    if outcome.probes.get("changed_input"):
-        return IN_PLACE
-    expected = case.expected
-    if isinstance(expected, Banded) and isinstance(outcome.output, Tensor):
-        expected = expected.accepting(outcome.output)
-    return compare(outcome.output, expected, case.atol, case.rtol)
-
-
-def same_transform(a: Outcome, b: Outcome, case: Case) -> bool:
-    return a.probes == b.probes and same_output(a, b, case)
-
-
-def transform_check(check_id: str, title: str, make_cases) -> None:
-    register(
-        Check(
-            check_id,
-            title,
-            make_cases,
-            call_transform,
-            judge_case=judge_transform,
-            same=same_transform,
-        )
-    )
-
-
-def temperature_cases() -> list[Case]:
-    spread = randn(4, 1000, seed=801, scale=3.0)
-    small = randn(3, 50, seed=802, scale=1.0)
-    real = real_logits()
-    settings = [
-        ("real logits, temperature 0.7", real, 0.7),
-        ("random logits, temperature 2", spread, 2.0),
-        ("random logits, temperature 1 (no change)", spread, 1.0),
-        ("random logits, temperature near 0 (1e-3)", small, 1e-3),
-    ]
-    return [
-        Case(name, (x, t), expected=hf_warp(x, t), seeded=x is not real) for name, x, t in settings
-    ]
-
-
-def top_k_cases() -> list[Case]:
-    rows = randn(4, 100, seed=811, scale=2.0)
-    ties = torch.tensor(
-        [
-            [3.0, 2.0, 2.0, 2.0, 1.0, 0.0, -1.0, 0.5],  # k=2: the three 2.0s tie with the 2nd
-            [0.1, 0.2, 0.3, 0.3, 0.3, 0.3, -2.0, 5.0],  # k=2: four 0.3s tie
-            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # all tied: nothing removed
-        ]
-    )
-    filtered = rows[:2].clone()
-    filtered[:, 10:] = NEG_INF  # already filtered: 10 finite values, k = 20
-    real = real_logits()
-    settings = [
-        ("random logits, k=5", rows, 5),
-        ("ties at the k-th value (k=2)", ties, 2),
-        ("k=1", rows, 1),
-        ("k larger than the vocabulary (k=500, 100 tokens)", rows, 500),
-        ("k larger than the number of finite logits", filtered, 20),
-        ("real logits, k=50", real, 50),
-    ]
-    return [
-        Case(name, (x, k), expected=hf_warp(x, top_k=k), seeded=x is not real)
-        for name, x, k in settings
-    ]
-
-
 BAND = 1e-4  # tokens this close to the p boundary (in probability) may go either way
 
 
@@ -377,6 +294,62 @@ def banded_top_p(logits: Tensor, p: float) -> Banded:
     return Banded(hf_warp(logits, top_p=p), logits, either)
 
 
+def call_transform(fn: Any, case: Case) -> Observation:
+    """Call a logit transform; the probe records whether it changed its input logits."""
+    before = case.args[0].clone()
+    output = fn(*case.args)
+    return Observation(output, {"changed_input": not torch.equal(case.args[0], before)})
+
+
+def judge_transform(outcome: Outcome, case: Case) -> str | None:
+    if outcome.probes.get("changed_input"):
+        return IN_PLACE
+    expected = case.expected
+    if isinstance(expected, Banded) and isinstance(outcome.output, Tensor):
+        expected = expected.accepting(outcome.output)
+    return compare(outcome.output, expected, case.atol, case.rtol)
+
+
+def transform_cases(reference: Callable[..., Any], table: Callable[[], list]) -> list[Case]:
+    """A case per row (name, *args) of `table()`; rows on the reference's logits ("real ...")
+    are not seeded."""
+    return [
+        Case(name, tuple(args), expected=reference(*args), seeded=not name.startswith("real"))
+        for name, *args in table()
+    ]
+
+
+def temperature_table() -> list[tuple]:
+    spread, small = randn(4, 1000, seed=801, scale=3.0), randn(3, 50, seed=802, scale=1.0)
+    return [
+        ("real logits, temperature 0.7", real_logits(), 0.7),
+        ("random logits, temperature 2", spread, 2.0),
+        ("random logits, temperature 1 (no change)", spread, 1.0),
+        ("random logits, temperature near 0 (1e-3)", small, 1e-3),
+    ]
+
+
+def top_k_table() -> list[tuple]:
+    rows = randn(4, 100, seed=811, scale=2.0)
+    ties = torch.tensor(
+        [
+            [3.0, 2.0, 2.0, 2.0, 1.0, 0.0, -1.0, 0.5],  # k=2: the three 2.0s tie with the 2nd
+            [0.1, 0.2, 0.3, 0.3, 0.3, 0.3, -2.0, 5.0],  # k=2: four 0.3s tie
+            [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],  # all tied: nothing removed
+        ]
+    )
+    filtered = rows[:2].clone()
+    filtered[:, 10:] = NEG_INF  # already filtered: 10 finite values, k = 20
+    return [
+        ("random logits, k=5", rows, 5),
+        ("ties at the k-th value (k=2)", ties, 2),
+        ("k=1", rows, 1),
+        ("k larger than the vocabulary (k=500, 100 tokens)", rows, 500),
+        ("k larger than the number of finite logits", filtered, 20),
+        ("real logits, k=50", real_logits(), 50),
+    ]
+
+
 def peaked_rows(d_vocab: int = 50257) -> Tensor:
     """Rows whose float32 running total reaches exactly 1.0 before the last token.
 
@@ -392,7 +365,7 @@ def peaked_rows(d_vocab: int = 50257) -> Tensor:
     return rows
 
 
-def top_p_cases() -> list[Case]:
+def top_p_table() -> list[tuple]:
     designed = torch.tensor(
         [
             [0.5, 0.3, 0.15, 0.05],  # p=0.7: 0.5 alone is short of 0.7, 0.3 crosses it: keep 2
@@ -401,11 +374,10 @@ def top_p_cases() -> list[Case]:
             [0.25, 0.25, 0.3, 0.2],  # ties inside the kept set: 0.3 + 0.25 + 0.25 (crosses)
         ]
     ).log()
-    rows = randn(6, 200, seed=821, scale=2.5)
+    rows, real = randn(6, 200, seed=821, scale=2.5), real_logits()
     filtered = rows.clone()
     filtered[:, 50:] = NEG_INF  # as after top-k
-    real = real_logits()
-    settings = [
+    return [
         ("hand-made rows, p=0.7 (the crossing token must stay)", designed, 0.7),
         ("p=1 on peaked rows at GPT-2's vocabulary size: every token stays", peaked_rows(), 1.0),
         ("random logits, p=0.5", rows, 0.5),
@@ -416,71 +388,57 @@ def top_p_cases() -> list[Case]:
         ("real logits, p=0.9", real, 0.9),
         ("real logits / 0.1, p=0.6", real / 0.1, 0.6),
     ]
-    return [
-        Case(name, (x, p), expected=banded_top_p(x, p), seeded=not name.startswith("real"))
-        for name, x, p in settings
-    ]
 
 
-def penalty_cases() -> list[Case]:
-    ref = get_reference()
-    real = batch_run()[0][:, -1].clone()  # [3, d_vocab]
+def penalty_table() -> list[tuple]:
     texts = ("the cat and the dog and the bird", "a a a a b", "no repeats here")
-    ids = [ref.to_tokens(t)[0] for t in texts]
+    ids = [get_reference().to_tokens(t)[0] for t in texts]
     real_tokens = torch.stack([i[: min(map(len, ids))] for i in ids])
-    logits = randn(2, 30, seed=831, scale=2.0)
+    logits, real = randn(2, 30, seed=831, scale=2.0), batch_run()[0][:, -1].clone()
     tokens = torch.tensor(
         [[3, 3, 3, 7, 7, 1, 29, 0, 3, 7, 12, 12], [5, 5, 5, 5, 5, 5, 1, 2, 3, 4, 28, 29]]
     )
-    settings = [
+    return [
         ("random logits, repeated tokens, penalty 1.5", logits, tokens, 1.5),
         ("rows counted separately, penalty 0.4", logits, tokens.flip(0), 0.4),
         ("negative penalty -0.7 (rewards repeats)", logits, tokens, -0.7),
         ("no tokens yet: no change", logits, torch.zeros(2, 0, dtype=torch.long), 2.0),
         ("real logits and text tokens, penalty 0.5", real, real_tokens, 0.5),
     ]
-    return [
-        Case(name, (x, t, pen), expected=closed_form_penalty(x, t, pen), seeded=x is not real)
-        for name, x, t, pen in settings
-    ]
 
 
-transform_check("sampling.apply_temperature", "temperature scaling", temperature_cases)
-transform_check("sampling.apply_top_k", "top-k filtering", top_k_cases)
-transform_check("sampling.apply_top_p", "top-p (nucleus) filtering", top_p_cases)
-transform_check("sampling.apply_frequency_penalty", "frequency penalty", penalty_cases)
-
-
-# =============================================================== sample_next_token
+for name, title, reference, table in [
+    ("apply_temperature", "temperature scaling", hf_warp, temperature_table),
+    ("apply_top_k", "top-k filtering", lambda x, k: hf_warp(x, top_k=k), top_k_table),
+    ("apply_top_p", "top-p (nucleus) filtering", banded_top_p, top_p_table),
+    ("apply_frequency_penalty", "frequency penalty", closed_form_penalty, penalty_table),
+]:
+    cases = partial(transform_cases, reference, table)
+    register(Check(f"sampling.{name}", title, cases, call_transform, judge_case=judge_transform))
 
 
 def sampler_cases() -> list[Case]:
-    peaked = torch.tensor([3.0, 2.2, 1.6, 1.0, 0.5, 0.2, 0.0, -0.4, -1.0, -1.5, -2.5, -3.0])
-    middling = torch.tensor([0.8, -0.3, 1.1, 0.2, -1.0, 0.9, 0.0, -2.0, 0.5, -0.6, 1.0, -0.1])
-    groups = torch.stack([peaked, middling, randn(12, seed=841, scale=1.5)])
-    generated = torch.tensor([[0, 0, 1, 5], [10, 2, 2, 2], [3, 4, 3, 11]])
     cases = []
     for name, logits, seeded in [
         ("real logits", batch_run()[0][:, -1].clone(), False),
         ("random logits", randn(4, 300, seed=842, scale=3.0), True),
     ]:
         top3 = logits.topk(3, dim=-1).indices  # penalise each row's top 3 tokens
-        penalised = {"temperature": 0.0, "frequency_penalty": 100.0, "generated": top3}
-        cases += [
-            Case(
-                f"temperature 0 is greedy ({name})",
-                (logits, {"temperature": 0.0}, None),
-                expected=logits.argmax(dim=-1),
-                seeded=seeded,
-            ),
-            Case(
-                f"temperature 0 with a frequency penalty on each row's top 3 tokens ({name})",
-                (logits, penalised, None),
-                expected=closed_form_penalty(logits, top3, 100.0).argmax(dim=-1),
-                seeded=seeded,
-            ),
-        ]
-    statistical = [
+        penalty = {"frequency_penalty": 100.0, "generated": top3}
+        penalised = closed_form_penalty(logits, top3, 100.0)
+        for what, more, expected in [
+            ("is greedy", {}, logits),
+            ("with a frequency penalty on each row's top 3 tokens", penalty, penalised),
+        ]:
+            args, expected = (logits, {"temperature": 0.0, **more}, None), expected.argmax(dim=-1)
+            cases.append(
+                Case(f"temperature 0 {what} ({name})", args, expected=expected, seeded=seeded)
+            )
+    peaked = torch.tensor([3.0, 2.2, 1.6, 1.0, 0.5, 0.2, 0.0, -0.4, -1.0, -1.5, -2.5, -3.0])
+    middling = torch.tensor([0.8, -0.3, 1.1, 0.2, -1.0, 0.9, 0.0, -2.0, 0.5, -0.6, 1.0, -0.1])
+    groups = torch.stack([peaked, middling, randn(12, seed=841, scale=1.5)])
+    generated = torch.tensor([[0, 0, 1, 5], [10, 2, 2, 2], [3, 4, 3, 11]])
+    for name, settings in [
         ("sampling at temperature 1", {}),
         ("temperature 0.5", {"temperature": 0.5}),
         ("temperature 2 and top-k 4", {"temperature": 2.0, "top_k": 4}),
@@ -494,21 +452,14 @@ def sampler_cases() -> list[Case]:
             "frequency penalty 0.8 at temperature 1.5",
             {"frequency_penalty": 0.8, "generated": generated, "temperature": 1.5},
         ),
-    ]
-    for name, settings in statistical:
-        batch = dict(settings)
-        if "generated" in settings:
-            batch["generated"] = settings["generated"].repeat_interleave(DRAWS, dim=0)
-        cases.append(
-            Case(
-                f"{name}: {DRAWS} draws from each of 3 distributions",
-                (groups.repeat_interleave(DRAWS, dim=0), batch, 3),
-                expected=Distribution(reference_distribution(groups, settings)),
-                atol=DRAWS_ATOL,
-                rtol=DRAWS_RTOL,
-                seeded=True,
-            )
-        )
+    ]:
+        batch = {
+            k: v.repeat_interleave(DRAWS, dim=0) if isinstance(v, Tensor) else v
+            for k, v in settings.items()
+        }
+        args = (groups.repeat_interleave(DRAWS, dim=0), batch, 3)
+        probs = reference_distribution(groups, settings)
+        cases.append(draws_case(f"{name}: {DRAWS} draws from each of 3 distributions", args, probs))
     return cases
 
 
@@ -522,79 +473,49 @@ def call_sampler(fn: Any, case: Case) -> Any:
     return tokens if groups is None else frequencies(tokens, groups, logits.shape[-1])
 
 
-def judge_sampler(outcome: Outcome, case: Case) -> str | None:
-    if isinstance(case.expected, Distribution):
-        return judge_frequencies(outcome.output, case.expected.probs)
-    return compare_tokens(outcome.output, case.expected)
-
-
-register(
-    Check(
-        "sampling.sample_next_token",
-        "choosing the next token",
-        sampler_cases,
-        call_sampler,
-        judge_case=judge_sampler,
-    )
-)
-
-
-# =============================================================== generate
-
-
-def penalised_greedy(
-    model: nn.Module, tokens: Tensor, max_new_tokens: int, penalty: float
-) -> Tensor:
+@torch.no_grad()
+def penalised_greedy(model: nn.Module, tokens: Tensor, new_tokens: int, penalty: float) -> Tensor:
     """Greedy decoding with the closed-form penalty on generated tokens (HF has no equivalent)."""
     prompt_len = tokens.shape[1]
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            logits = closed_form_penalty(model(tokens)[:, -1, :], tokens[:, prompt_len:], penalty)
-            tokens = torch.cat([tokens, logits.argmax(dim=-1, keepdim=True)], dim=1)
+    for _ in range(new_tokens):
+        logits = closed_form_penalty(model(tokens)[:, -1, :], tokens[:, prompt_len:], penalty)
+        tokens = torch.cat([tokens, logits.argmax(dim=-1, keepdim=True)], dim=1)
     return tokens
 
 
 def eos_of(row: Tensor, prompt_len: int, step: int, avoid: Tensor) -> int:
     """A token generated at `step` of `row` and not among `avoid`: an eos that stops it there."""
+    taken = avoid.flatten().tolist() + row[prompt_len : prompt_len + step].tolist()
     for token in row[prompt_len + step :].tolist():
-        if (
-            token not in avoid.flatten().tolist()
-            and token not in row[prompt_len : prompt_len + step].tolist()
-        ):
+        if token not in taken:
             return token
     raise RuntimeError("no usable eos token in this case (the check's data changed?)")
 
 
-SEED_FLAGS = [
-    "the same seed gave different tokens on two calls: build one "
-    "torch.Generator from `seed` in each call and pass it to every draw",
-    "seeds 7 and 8 gave the same tokens: the seed is not used",
-    "torch's global random state changed: use a torch.Generator(...).manual_seed(seed), not "
-    "torch.manual_seed(seed), so that generating does not reset everyone else's randomness",
-]
-
-
 def generate_cases() -> list[Case]:
-    small = small_model(0)
+    small, bigram = small_model(0), bigram_model()
 
-    def greedy(name, model, prompts, n, seeded=True, **settings) -> Case:
-        expected = hf_generate(model, prompts, n, **settings)
+    def greedy(name: str, model: HFLogits, prompts: Tensor, n: int, **settings: Any) -> Case:
+        if "frequency_penalty" in settings:  # which Hugging Face's generate does not have
+            expected = penalised_greedy(model, prompts, n, settings["frequency_penalty"])
+        else:
+            expected = hf_generate(model, prompts, n, **settings)
         args = ("tokens", model, prompts, n, {"temperature": 0.0, **settings})
-        return Case(name, args, expected=expected, seeded=seeded)
+        return Case(name, args, expected=expected, seeded=model is not reference_model())
 
     prompts = random_prompts(3, 5, seed=853)
     free = hf_generate(small, prompts, 12)
     eos_row0 = eos_of(free[0], 5, 3, free[1:, 5:])  # ends row 0 at step 4 and no other row
     eos_alone = free[1, 5 + 5].item()
-    reference_prompts = batch_tokens()[:2, :6].clone()  # the first words of two BATCH_TEXTS
-    cases = [
-        greedy(
-            "greedy, GPT-2 small (reference), 2 prompts, 3 tokens",
-            reference_model(),
-            reference_prompts,
-            3,
-            seeded=False,
-        ),
+    words = batch_tokens()[:2, :6].clone()  # the first words of two BATCH_TEXTS
+    # a prompt that already holds what greedy would say next: counting the prompt changes it
+    base = random_prompts(2, 4, seed=852)
+    repeats = torch.cat([base, hf_generate(small, base, 6)[:, 4:8]], dim=1)
+    seed_prompts = torch.tensor([[3, 9], [1, 2], [7, 7], [15, 0]])
+    draw_settings = {"temperature": 0.8, "top_k": 6, "top_p": 0.9}
+    draw_prompts = torch.tensor([[3, 9]]).expand(DRAWS, 2).clone()
+    return [
+        greedy("greedy, GPT-2 small (reference), 2 prompts, 3 tokens", reference_model(), words, 3),
         greedy("greedy, small GPT-2, 3 prompts, 12 tokens", small, prompts, 12),
         greedy(
             f"greedy, eos {eos_row0} ends row 0 after 4 tokens, the others go on",
@@ -610,53 +531,27 @@ def generate_cases() -> list[Case]:
             12,
             eos_token_id=eos_alone,
         ),
-    ]
-    # a prompt that already holds what greedy would say next: counting the prompt changes it
-    base = random_prompts(2, 4, seed=852)
-    penalty_prompts = torch.cat([base, hf_generate(small, base, 6)[:, 4:8]], dim=1)
-    cases.append(
-        Case(
+        greedy(
             "greedy with frequency penalty 1.5 (generated tokens only, not the prompt)",
-            ("tokens", small, penalty_prompts, 10, {"temperature": 0.0, "frequency_penalty": 1.5}),
-            expected=penalised_greedy(small, penalty_prompts, 10, 1.5),
-            seeded=True,
-        )
-    )
-    bigram = bigram_model()
-    cases.append(
+            small,
+            repeats,
+            10,
+            frequency_penalty=1.5,
+        ),
         Case(
             "seed=7 twice gives the same tokens, seed=8 others, torch's global random state "
             "untouched",
-            (
-                "seed",
-                bigram,
-                torch.tensor([[3, 9], [1, 2], [7, 7], [15, 0]]),
-                16,
-                {"temperature": 1.0},
-            ),
+            ("seed", bigram, seed_prompts, 16, {"temperature": 1.0}),
             expected=torch.ones(len(SEED_FLAGS), dtype=torch.bool),
             seeded=True,
-        )
-    )
-    settings = {"temperature": 0.8, "top_k": 6, "top_p": 0.9}
-    cases.append(
-        Case(
+        ),
+        draws_case(
             f"first token drawn with temperature 0.8, top-k 6, top-p 0.9: {DRAWS} identical "
             "prompts",
-            (
-                "distribution",
-                bigram,
-                torch.tensor([[3, 9]]).expand(DRAWS, 2).clone(),
-                1,
-                {**settings, "seed": 11},
-            ),
-            expected=Distribution(reference_distribution(bigram.table.detach()[9:10], settings)),
-            atol=DRAWS_ATOL,
-            rtol=DRAWS_RTOL,
-            seeded=True,
-        )
-    )
-    return cases
+            ("distribution", bigram, draw_prompts, 1, {**draw_settings, "seed": 11}),
+            reference_distribution(bigram.table.detach()[9:10], draw_settings),
+        ),
+    ]
 
 
 def call_generate(fn: Any, case: Case) -> Any:
@@ -678,80 +573,39 @@ def call_generate(fn: Any, case: Case) -> Any:
     return torch.tensor(flags)
 
 
-def judge_generate(outcome: Outcome, case: Case) -> str | None:
-    if isinstance(case.expected, Distribution):
-        return judge_frequencies(outcome.output, case.expected.probs)
-    if case.expected.dtype == torch.bool:  # the seed case
-        wrong = [
-            flag for flag, ok in zip(SEED_FLAGS, outcome.output.tolist(), strict=True) if not ok
-        ]
-        return "; ".join(wrong) or None
-    return compare_tokens(outcome.output, case.expected)
-
-
-register(
-    Check(
-        "sampling.generate",
-        "generating text",
-        generate_cases,
-        call_generate,
-        judge_case=judge_generate,
-    )
-)
-
-
-# =============================================================== beam_search
-
-# Small randn GPT-2s, prompts and eos tokens chosen (once, by a search over a few
-# seeds) so that finished hypotheses of different lengths compete: without eos
-# every hypothesis has the same length, and neither the length penalty nor early
-# stopping would matter. Each mistake of the library fails on at least one case.
-BEAM_SETTINGS: list[tuple[str, int, int, int, dict[str, Any]]] = [
-    # name, model seed, prompt seed, num_beams, settings (8 new tokens)
-    ("4 beams, 8 tokens, no eos", 0, 861, 4, {}),
-    ("4 beams, eos 38, length_penalty 1", 0, 861, 4, {"eos_token_id": 38}),
-    (
-        "4 beams, eos 38, length_penalty -0.5",
-        0,
-        861,
-        4,
-        {"eos_token_id": 38, "length_penalty": -0.5},
-    ),
-    ("4 beams, eos 119, length_penalty 1", 0, 861, 4, {"eos_token_id": 119}),
-    (
-        "3 beams, eos 420, early_stopping=True",
-        0,
-        861,
-        3,
-        {"eos_token_id": 420, "early_stopping": True},
-    ),
-    ("2 beams, eos 420, length_penalty 2", 0, 861, 2, {"eos_token_id": 420, "length_penalty": 2.0}),
+# Prompt and eos tokens chosen (once, by a search over a few seeds) so that finished
+# hypotheses of different lengths compete: without eos every hypothesis has the same
+# length, and neither the length penalty nor early stopping would matter. Each
+# mistake of the library fails on at least one case. All on small_model(0) with the
+# prompt random_prompts(1, 5, seed=861), 8 new tokens.
+BEAM_SETTINGS: list[tuple[str, int, dict[str, Any]]] = [  # name, num_beams, settings
+    ("4 beams, 8 tokens, no eos", 4, {}),
+    ("4 beams, eos 38, length_penalty 1", 4, {"eos_token_id": 38}),
+    ("4 beams, eos 38, length_penalty -0.5", 4, {"eos_token_id": 38, "length_penalty": -0.5}),
+    ("4 beams, eos 119, length_penalty 1", 4, {"eos_token_id": 119}),
+    ("3 beams, eos 420, early_stopping=True", 3, {"eos_token_id": 420, "early_stopping": True}),
+    ("2 beams, eos 420, length_penalty 2", 2, {"eos_token_id": 420, "length_penalty": 2.0}),
 ]
 
 
 def beam_cases() -> list[Case]:
+    model, prompt = small_model(0), random_prompts(1, 5, seed=861)
     cases = []
-    for name, model_seed, prompt_seed, num_beams, settings in BEAM_SETTINGS:
-        model, prompt = small_model(model_seed), random_prompts(1, 5, seed=prompt_seed)
+    for name, num_beams, settings in BEAM_SETTINGS:
         hf_settings = {"length_penalty": 1.0, "early_stopping": False, **settings}
         expected = hf_generate(model, prompt, 8, num_beams=num_beams, **hf_settings)
-        cases.append(
-            Case(name, (model, prompt, num_beams, 8, settings), expected=expected, seeded=True)
-        )
+        args = (model, prompt, num_beams, 8, settings)
+        cases.append(Case(name, args, expected=expected, seeded=True))
     return cases
 
 
 def call_beam_search(fn: Any, case: Case) -> Any:
-    model, prompt, num_beams, max_new_tokens, settings = case.args
-    return fn(model, prompt, num_beams, max_new_tokens, **settings)
+    return fn(*case.args[:4], **case.args[4])
 
 
-register(
-    Check(
-        "sampling.beam_search",
-        "beam search",
-        beam_cases,
-        call_beam_search,
-        judge_case=lambda outcome, case: compare_tokens(outcome.output, case.expected),
-    )
-)
+for check_id, title, make_cases, call in [
+    ("sampling.sample_next_token", "choosing the next token", sampler_cases, call_sampler),
+    ("sampling.generate", "generating text", generate_cases, call_generate),
+    ("sampling.beam_search", "beam search", beam_cases, call_beam_search),
+]:
+    register(Check(check_id, title, make_cases, call, judge_case=judge_tokens))

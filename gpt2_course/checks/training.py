@@ -28,7 +28,7 @@ from gpt2_course.config import TransformerConfig
 
 # ------------------------------------------------------------------ next_token_loss
 
-LOSS_ATOL, LOSS_RTOL = 1e-4, 1e-5  # a loss near 10: float32 rounding is ~1e-6 of it
+LOSS_TOLERANCE = 1e-4, 1e-5  # atol, rtol: for a loss near 10, float32 rounding is ~1e-6 of it
 
 
 def loss_cases() -> list[Case]:
@@ -36,11 +36,8 @@ def loss_cases() -> list[Case]:
 
     def add(name: str, logits: Tensor, tokens: Tensor, seeded: bool) -> None:
         logits, tokens = logits.detach().clone(), tokens.detach().clone()
-        d_vocab = logits.shape[-1]
-        expected = F.cross_entropy(logits[:, :-1].reshape(-1, d_vocab), tokens[:, 1:].flatten())
-        cases.append(
-            Case(name, (logits, tokens), None, None, expected, LOSS_ATOL, LOSS_RTOL, seeded)
-        )
+        expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+        cases.append(Case(name, (logits, tokens), None, None, expected, *LOSS_TOLERANCE, seeded))
 
     add("reference logits on real text", text_run()[0], text_tokens(), False)
     add("reference logits on a batch of 3 texts", batch_run()[0], batch_tokens(), False)
@@ -102,40 +99,43 @@ def call_optimizer(configure: Any, case: Case) -> Tensor:
     model = small_model()
     optimizer = configure(model, *case.args)
     if not isinstance(optimizer, torch.optim.AdamW):
+        kind = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
         raise CheckSetupError(
-            f"configure_optimizer returned a {type(optimizer).__module__}."
-            f"{type(optimizer).__name__}, expected a torch.optim.AdamW"
+            f"configure_optimizer returned a {kind}, expected a torch.optim.AdamW"
         )
     settings: dict[int, list[list[float]]] = {}
     for group in optimizer.param_groups:
         row = [float(v) for v in (group["weight_decay"], group["lr"], *group["betas"])]
         for param in group["params"]:
             settings.setdefault(id(param), []).append(row)
-    rows = []
-    for param in model.parameters():
-        found = settings.get(id(param), [])
-        rows.append([float(len(found)), *(found[0] if found else [math.nan] * 4)])
+    found = [settings.get(id(param), []) for param in model.parameters()]
+    rows = [[float(len(f)), *(f[0] if f else [math.nan] * 4)] for f in found]
     return torch.tensor(rows, dtype=torch.float64)
+
+
+def wrong_cells(outcome: Outcome, case: Case) -> tuple[str | None, list[list[int]]]:
+    """`compare`'s verdict on a table, and the [row, column] of each value outside the
+    tolerance (none when the table is not even of the right shape)."""
+    actual, expected = outcome.output, case.expected
+    problem = compare(actual, expected, case.atol, case.rtol)
+    if problem is None or not isinstance(actual, Tensor) or actual.shape != expected.shape:
+        return problem, []
+    close = (actual - expected).abs() <= case.atol + case.rtol * expected.abs()  # False at NaN
+    return problem, (~close).nonzero().tolist()
 
 
 def judge_optimizer(outcome: Outcome, case: Case) -> str | None:
     """Like `compare`, but names the parameter and the setting that differ."""
-    actual, expected = outcome.output, case.expected
-    problem = compare(actual, expected, case.atol, case.rtol)
-    if problem is None or not isinstance(actual, Tensor) or actual.shape != expected.shape:
+    problem, wrong = wrong_cells(outcome, case)
+    if not wrong:
         return problem
-    for i, (name, shape) in enumerate(_PARAM_SHAPES.items()):
-        for j, column in enumerate(COLUMNS):
-            yours, wanted = actual[i, j].item(), expected[i, j].item()
-            if compare(actual[i, j], expected[i, j], case.atol, case.rtol) is None:
-                continue
-            if j == 0:
-                return f"parameter {name} is in the optimizer {yours:g} times, expected once"
-            return (
-                f"parameter {name} ({len(shape)}-d, shape {shape}) has {column} {yours:g}, "
-                f"expected {wanted:g}"
-            )
-    return problem
+    i, j = wrong[0]
+    name, shape = list(_PARAM_SHAPES.items())[i]
+    yours, wanted = outcome.output[i, j].item(), case.expected[i, j].item()
+    if j == 0:
+        return f"parameter {name} is in the optimizer {yours:g} times, expected once"
+    setting = f"{COLUMNS[j]} {yours:g}, expected {wanted:g}"
+    return f"parameter {name} ({len(shape)}-d, shape {shape}) has {setting}"
 
 
 register(
@@ -161,38 +161,29 @@ def schedule(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_s
     return min_lr + (max_lr - min_lr) * (1 + math.cos(angle)) / 2
 
 
-LR_SETTINGS = [
-    # (max_lr, min_lr, warmup_steps, total_steps, steps to ask about)
-    (6e-4, 6e-5, 10, 100, list(range(0, 121))),
-    (1.0, 0.1, 3, 7, list(range(0, 12))),
-    (1e-2, 0.0, 0, 50, list(range(0, 61, 5))),
-    (3e-3, 3e-4, 100, 1000, [0, 1, 50, 99, 100, 101, 250, 550, 999, 1000, 1001, 5000]),
-]
-
-
 def lr_cases() -> list[Case]:
     cases = []
-    for max_lr, min_lr, warmup, total, steps in LR_SETTINGS:
-        expected = torch.tensor(
-            [[s, schedule(s, max_lr, min_lr, warmup, total)] for s in steps], dtype=torch.float64
-        )
-        name = f"max_lr={max_lr:g}, min_lr={min_lr:g}, warmup_steps={warmup}, total_steps={total}"
-        args = (max_lr, min_lr, warmup, total, steps)
+    for steps, max_lr, min_lr, warmup, total in [
+        (range(0, 121), 6e-4, 6e-5, 10, 100),
+        (range(0, 12), 1.0, 0.1, 3, 7),
+        (range(0, 61, 5), 1e-2, 0.0, 0, 50),
+        ([0, 1, 50, 99, 100, 101, 250, 550, 999, 1000, 1001, 5000], 3e-3, 3e-4, 100, 1000),
+    ]:
+        settings = dict(max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total)
+        name = ", ".join(f"{key}={value:g}" for key, value in settings.items())
+        expected = torch.tensor([[s, schedule(s, **settings)] for s in steps], dtype=torch.float64)
         # float64 formulas agree to ~1e-16; the tolerance scales with the schedule
-        cases.append(
-            Case(name, args, expected=expected, atol=1e-6 * max_lr, rtol=1e-6, seeded=True)
-        )
+        atol, rtol = 1e-6 * max_lr, 1e-6
+        cases.append(Case(name, (list(steps), settings), None, None, expected, atol, rtol, True))
     return cases
 
 
 def call_schedule(lr_at_step: Any, case: Case) -> Tensor:
     """Ask for the learning rate at every step of the case; one row (step, lr) per step."""
-    max_lr, min_lr, warmup, total, steps = case.args
+    steps, settings = case.args
     rows = []
     for step in steps:
-        value = lr_at_step(
-            step, max_lr=max_lr, min_lr=min_lr, warmup_steps=warmup, total_steps=total
-        )
+        value = lr_at_step(step, **settings)
         if isinstance(value, Tensor) and value.numel() == 1:
             value = value.item()
         if not isinstance(value, int | float):
@@ -202,21 +193,17 @@ def call_schedule(lr_at_step: Any, case: Case) -> Tensor:
 
 
 def judge_schedule(outcome: Outcome, case: Case) -> str | None:
-    """Like `compare`, but says at which step the learning rate differs."""
-    actual, expected = outcome.output, case.expected
-    problem = compare(actual, expected, case.atol, case.rtol)
-    if problem is None or not isinstance(actual, Tensor) or actual.shape != expected.shape:
+    """Like `compare`, but says at which steps the learning rate differs."""
+    problem, wrong = wrong_cells(outcome, case)
+    if not wrong:
         return problem
-    wrong = [
-        i for i in range(len(expected)) if compare(actual[i], expected[i], case.atol, case.rtol)
-    ]
-    steps = ", ".join(str(int(expected[j, 0])) for j in wrong[:6]) + (
-        ", ..." if len(wrong) > 6 else ""
-    )
-    i = wrong[0]
+    rows, expected = sorted({i for i, _ in wrong}), case.expected
+    shown = ", ".join(str(int(expected[i, 0])) for i in rows[:6])
+    steps = shown + (", ..." if len(rows) > 6 else "")
+    i = rows[0]
     return (
-        f"at step {int(expected[i, 0])} your lr is {actual[i, 1].item():.6g}, expected "
-        f"{expected[i, 1].item():.6g} (wrong at {len(wrong)} of {len(expected)} steps: {steps})"
+        f"at step {int(expected[i, 0])} your lr is {outcome.output[i, 1].item():.6g}, expected "
+        f"{expected[i, 1].item():.6g} (wrong at {len(rows)} of {len(expected)} steps: {steps})"
     )
 
 

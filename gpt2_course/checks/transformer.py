@@ -1,18 +1,15 @@
 """Checks for Transformer and load_gpt2_weights (notebook 05).
 
-`transformer.Transformer`: only the learner's wiring is under test. The check
-builds the learner's class with the reference embeddings, LayerNorm and blocks
-(`parts.using(parts.REFERENCE)`), loads GPT-2's weights into it with the
-reference `load_gpt2_weights`, and compares its logits with Hugging Face's on a
-small GPT-2 whose every weight is seeded noise, and with the reference's on real text.
-
-`transformer.load_gpt2_weights`: the learner's function fills a reference
-Transformer whose parameters the check first sets to NaN; every parameter must
-then equal the expected weight of the same name exactly.
+Only the wiring of the learner's Transformer is under test: the check builds it with the
+reference sub-parts and loads GPT-2's weights with the reference load_gpt2_weights. The
+learner's load_gpt2_weights must fill a reference Transformer, every parameter NaN at first,
+with exactly the expected weights.
 """
 
 import math
+import re
 from functools import cache
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -45,7 +42,7 @@ from gpt2_course.reference_parts.transformer import Transformer, gpt2_weights, l
 SEEDED_GPT2 = TransformerConfig(
     d_model=64, d_vocab=300, n_ctx=32, d_head=16, n_heads=4, d_mlp=256, n_layers=3
 )
-
+LAYERS = range(GPT2_SMALL.n_layers)
 ISOLATION_NOTE = (
     "\n  (The check builds your Transformer with the reference embeddings, LayerNorm and blocks "
     "and loads GPT-2's weights with the reference load_gpt2_weights, so only your forward's "
@@ -62,28 +59,19 @@ def seeded_gpt2() -> tuple[nn.Module, dict[str, Tensor]]:
     """
     from transformers import GPT2LMHeadModel
 
-    config = hf_config(
-        SEEDED_GPT2,
-        attn_implementation="eager",
-        bos_token_id=SEEDED_GPT2.d_vocab - 1,  # GPT-2's 50256 is outside this vocabulary
-        eos_token_id=SEEDED_GPT2.d_vocab - 1,
-    )
+    # GPT-2's 50256 is outside this vocabulary
+    special = dict.fromkeys(["bos_token_id", "eos_token_id"], SEEDED_GPT2.d_vocab - 1)
+    config = hf_config(SEEDED_GPT2, attn_implementation="eager", **special)
     with torch.random.fork_rng(devices=[]):  # its own init is overwritten below
         model = GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for seed, (name, param) in enumerate(model.named_parameters(), start=300):
-            is_ln_scale = name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight"))
-            shift = 1.0 if is_ln_scale else 0.0
+            shift = 1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0
             param.copy_(randn(*param.shape, seed=seed, scale=0.3, shift=shift))
     return model, {name: t.detach().clone() for name, t in model.state_dict().items()}
 
 
 # ------------------------------------------------------------------ Transformer
-
-
-def watched(cfg: TransformerConfig) -> list[str]:
-    """The submodules whose input the check records: every block, ln_final, the unembedding."""
-    return [f"blocks.{i}" for i in range(cfg.n_layers)] + ["ln_final", "unembed"]
 
 
 def transformer_cases() -> list[Case]:
@@ -97,75 +85,60 @@ def transformer_cases() -> list[Case]:
     # Hugging Face's hidden states: [i] is what block i reads, [-1] is after ln_f.
     inside = {f"blocks.{i}": out.hidden_states[i] for i in range(SEEDED_GPT2.n_layers)}
     inside |= {"ln_final": ln_f_input[0], "unembed": out.hidden_states[-1]}
-    cases = [
-        Case(
-            "small GPT-2 (3 layers, d_model=64), every weight random",
-            (tokens,),
-            sd,
-            SEEDED_GPT2,
-            Observation(out.logits, inside),
-            seeded=True,
-        )
-    ]
+    name = "small GPT-2 (3 layers, d_model=64), every weight random"
+    cases = [Case(name, (tokens,), sd, SEEDED_GPT2, Observation(out.logits, inside), seeded=True)]
     gpt2 = get_reference().hf_state_dict
     for name, tokens, (logits, acts) in [
         ("real text", text_tokens(), text_run()),
         ("batch of 3 texts", batch_tokens(), batch_run()),
     ]:
-        inside = {
-            f"blocks.{i}": acts[f"blocks.{i}.hook_resid_pre"] for i in range(GPT2_SMALL.n_layers)
-        }
+        inside = {f"blocks.{i}": acts[f"blocks.{i}.hook_resid_pre"] for i in LAYERS}
         inside["ln_final"] = acts["ln_final.hook_in"]  # the last block's output
         inside["unembed"] = acts["ln_final.hook_out"]
         cases.append(Case(name, (tokens,), gpt2, GPT2_SMALL, Observation(logits, inside)))
     return cases
 
 
-def call_transformer():
+_BUILT: dict = {}  # the one model call_transformer keeps
+
+
+def call_transformer(cls: Any, case: Case) -> Observation:
     """Build `cls` with reference sub-parts, load the case's weights, run `cls.forward`.
 
     GPT-2 small costs a second or more to build, so a model is built by the class
     whose __init__ `cls` uses: the known mistakes (subclasses that only override
-    `forward`) all run their forward on one reference-built model. Forward pre-hooks
-    record what each watched submodule receives, and the order the blocks run in.
+    `forward`) all run on one reference-built model. Forward pre-hooks record what
+    each block, ln_final and unembed receive, and the order the blocks run in.
     """
-    built: dict = {}
+    what = getattr(cls, "__name__", "your Transformer")
+    if not isinstance(cls, type):
+        raise CheckSetupError(f"{what} must be a class (a torch.nn.Module subclass)")
+    owner = next(c for c in cls.__mro__ if "__init__" in c.__dict__)
+    with parts.using(parts.REFERENCE):
+        module = build_cached(_BUILT, owner, case.cfg)
+    try:
+        load_gpt2_weights(module, case.params)
+    except Exception as error:
+        problem = f"could not load GPT-2's weights into your {what}: {error}"
+        raise CheckSetupError(problem) from error
+    module.eval()
+    seen: dict[str, Any] = {"block order": []}
+    hooks = []
+    for name in [*(f"blocks.{i}" for i in range(case.cfg.n_layers)), "ln_final", "unembed"]:
 
-    def call(cls: Any, case: Case) -> Observation:
-        what = getattr(cls, "__name__", "your Transformer")
-        if not isinstance(cls, type):
-            raise CheckSetupError(f"{what} must be a class (a torch.nn.Module subclass)")
-        owner = next(c for c in cls.__mro__ if "__init__" in c.__dict__)
-        with parts.using(parts.REFERENCE):
-            module = build_cached(built, owner, case.cfg)
-        try:
-            load_gpt2_weights(module, case.params)
-        except Exception as error:
-            problem = f"could not load GPT-2's weights into your {what}: {error}"
-            raise CheckSetupError(problem) from error
-        module.eval()
-        seen: dict[str, Any] = {"block order": []}
-        hooks = []
-        for name in watched(case.cfg):
-            try:
-                sub = module.get_submodule(name)
-            except AttributeError:
-                continue
+        def record(_module: nn.Module, args: tuple, name: str = name) -> None:
+            if name.startswith("blocks."):
+                seen["block order"].append(int(name.split(".")[1]))
+            if name not in seen and args and isinstance(args[0], Tensor):
+                seen[name] = args[0]
 
-            def record(_module: nn.Module, args: tuple, name: str = name) -> None:
-                if name.startswith("blocks."):
-                    seen["block order"].append(int(name.split(".")[1]))
-                if name not in seen and args and isinstance(args[0], Tensor):
-                    seen[name] = args[0]
-
-            hooks.append(sub.register_forward_pre_hook(record))
-        try:
-            return Observation(cls.forward(module, *case.args), seen)
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-    return call
+        # the weights loaded, so every one of these submodules exists
+        hooks.append(module.get_submodule(name).register_forward_pre_hook(record))
+    try:
+        return Observation(cls.forward(module, *case.args), seen)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def judge_logits(outcome: Outcome, case: Case) -> str | None:
@@ -215,59 +188,34 @@ register(
         "transformer.Transformer",
         "the whole model: logits on real text",
         transformer_cases,
-        call_transformer(),
+        call_transformer,
         judge_case=judge_logits,
     )
 )
 
 # ------------------------------------------------------------------ load_gpt2_weights
 
-
-def bridge_weights() -> dict[str, Tensor]:
-    """GPT-2 small's weights as the TransformerLens bridge exposes them, by the course's names."""
-    bridge = get_reference().bridge
-    weights = {
-        "embed.W_E": bridge.W_E,
-        "pos_embed.W_pos": bridge.W_pos,
-        "ln_final.w": bridge.ln_final.w,
-        "ln_final.b": bridge.ln_final.b,
-        "unembed.W_U": bridge.W_U,
-        "unembed.b_U": bridge.b_U,
-    }
-    per_block = [f"ln{i}.{p}" for i in (1, 2) for p in "wb"]
-    per_block += [f"attn.{w}_{x}" for w in "Wb" for x in "QKVO"]
-    per_block += [f"mlp.{w}_{x}" for w in "Wb" for x in ("in", "out")]
-    for layer, block in enumerate(bridge.blocks):
-        for name in per_block:
-            sub, attr = name.split(".")
-            weights[f"blocks.{layer}.{name}"] = getattr(getattr(block, sub), attr)
-    return {name: value.detach().clone().contiguous() for name, value in weights.items()}
+# A block's weights by the course's names, in the order a failure lists them.
+PER_BLOCK = [f"ln{i}.{p}" for i in (1, 2) for p in "wb"]
+PER_BLOCK += [f"attn.{w}_{x}" for w in "Wb" for x in "QKVO"]
+PER_BLOCK += [f"mlp.{w}_{x}" for w in "Wb" for x in ("in", "out")]
 
 
 def load_cases() -> list[Case]:
-    _, sd = seeded_gpt2()
     # A copy is exact: no tolerance. The small model is seeded noise throughout, so
     # every mistake shows there; on GPT-2 small the TransformerLens bridge says what is right.
+    _, small = seeded_gpt2()
+    names = ["embed.W_E", "pos_embed.W_pos", "ln_final.w", "ln_final.b", "unembed.W_U"]
+    names += ["unembed.b_U"] + [f"blocks.{i}.{n}" for i in LAYERS for n in PER_BLOCK]
+    # the bridge has W_E, W_pos, W_U and b_U at its top level, the rest under the same names
+    bridge = get_reference().bridge
+    found = {n: attrgetter(re.sub(r"^\w*embed\.", "", n))(bridge) for n in names}
+    weights = {n: t.detach().clone().contiguous() for n, t in found.items()}
+    small_name = "small GPT-2 (3 layers, 4 heads of 16), every weight random"
+    gpt2 = (get_reference().hf_state_dict,)
     return [
-        Case(
-            "small GPT-2 (3 layers, 4 heads of 16), every weight random",
-            (sd,),
-            None,
-            SEEDED_GPT2,
-            gpt2_weights(sd, SEEDED_GPT2),
-            atol=0.0,
-            rtol=0.0,
-            seeded=True,
-        ),
-        Case(
-            "GPT-2 small (the reference's weights)",
-            (get_reference().hf_state_dict,),
-            None,
-            GPT2_SMALL,
-            bridge_weights(),
-            atol=0.0,
-            rtol=0.0,
-        ),
+        Case(small_name, (small,), None, SEEDED_GPT2, gpt2_weights(small, SEEDED_GPT2), 0, 0, True),
+        Case("GPT-2 small (the reference's weights)", gpt2, None, GPT2_SMALL, weights, 0, 0),
     ]
 
 
@@ -276,35 +224,26 @@ def _layout(model: nn.Module) -> list:
     return [(n, p.shape, id(p)) for n, p in model.named_parameters(remove_duplicate=False)]
 
 
-def call_load():
+_FILLED: dict = {}  # the reference Transformer call_load fills, and its layout
+
+
+def call_load(fn: Any, case: Case) -> dict[str, Tensor]:
     """Fill a reference Transformer (all NaN first) with the function; return its parameters."""
-    built: dict = {}
-
-    def call(fn: Any, case: Case) -> dict[str, Tensor]:
-        if not callable(fn):
-            raise CheckSetupError("load_gpt2_weights must be a function")
-        model, layout = built.get(id(case.cfg), (None, None))
-        if model is None or layout != _layout(model):
-            built.clear()  # a new size, or a function that replaced parameters: start again
-            with torch.device("meta"):  # no random init: every value is set to NaN below
-                model = Transformer(case.cfg).to_empty(device="cpu")
-            with torch.no_grad():
-                for param in model.parameters():
-                    param.fill_(math.nan)  # whatever the function does not set stays NaN
-            built[id(case.cfg)] = model, _layout(model)
-        # a private copy: the function must not be able to change the reference's weights
-        state_dict = {name: t.clone() for name, t in case.args[0].items()}
-        try:
-            fn(model, state_dict)
-            return {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
-        finally:
-            # Hand the filled tensors over as the output and give the model fresh NaN ones for
-            # the next call, even after an error (cheaper than cloning 650 MB, then refilling).
-            with torch.no_grad():
-                for param in model.parameters():
-                    param.data = torch.full_like(param, math.nan)
-
-    return call
+    if not callable(fn):
+        raise CheckSetupError("load_gpt2_weights must be a function")
+    model, layout = _FILLED.get(id(case.cfg), (None, None))
+    if model is None or layout != _layout(model):
+        _FILLED.clear()  # a new size, or a function that replaced parameters: start again
+        with torch.device("meta"):  # no random init: every value is set to NaN below
+            model = Transformer(case.cfg).to_empty(device="cpu")
+        _FILLED[id(case.cfg)] = model, _layout(model)
+    for param in model.parameters():
+        # Fresh tensors, so that the last call's output keeps the ones it was handed (cheaper
+        # than cloning 650 MB); whatever the function does not set stays NaN.
+        param.data = torch.full_like(param, math.nan)
+    # a private copy: the function must not be able to change the reference's weights
+    fn(model, {name: t.clone() for name, t in case.args[0].items()})
+    return {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False)}
 
 
 def _equal(got: Any, want: Tensor) -> bool:
@@ -312,7 +251,7 @@ def _equal(got: Any, want: Tensor) -> bool:
     return (
         isinstance(got, Tensor)
         and torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0))
-        and (torch.equal(got.isnan(), want.isnan()))
+        and torch.equal(got.isnan(), want.isnan())
     )
 
 
@@ -338,11 +277,8 @@ def judge_weights(outcome: Outcome, case: Case) -> str | None:
             "model with)"
         )
     elif got.shape == want.shape and got.isnan().any() and not want.isnan().any():
-        count = int(got.isnan().sum())
-        problem = (
-            f"your function set only part of {first} "
-            f"({count} of {got.numel()} values are still NaN)"
-        )
+        count = f"{int(got.isnan().sum())} of {got.numel()}"
+        problem = f"your function set only part of {first} ({count} values are still NaN)"
     else:
         problem = f"{first}: {compare(got, want, 0.0, 0.0)}"
     others = len(differ) - 1
@@ -358,7 +294,7 @@ register(
         "transformer.load_gpt2_weights",
         "GPT-2's weights mapped into the model",
         load_cases,
-        call_load(),
+        call_load,
         judge_case=judge_weights,
         same=lambda a, b, case: not differing(a.output, b.output),
     )

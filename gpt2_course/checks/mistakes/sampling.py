@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from gpt2_course.checks.core import Mistake
 from gpt2_course.reference_parts.sampling import (
     apply_frequency_penalty,
-    apply_temperature,
     apply_top_k,
     apply_top_p,
     sample_next_token,
@@ -14,19 +13,9 @@ from gpt2_course.reference_parts.sampling import (
 
 NEG_INF = float("-inf")
 
-# --------------------------------------------------------------- apply_temperature
 
-
-def temperature_in_place(logits, temperature):
-    logits /= temperature
-    return logits
-
-
-# --------------------------------------------------------------- apply_top_k
-
-
-def kth_largest(logits, k):
-    return logits.topk(min(k, logits.shape[-1]), dim=-1).values[..., -1:]
+def kth(logits, k, largest=True):
+    return logits.topk(min(k, logits.shape[-1]), dim=-1, largest=largest).values[..., -1:]
 
 
 def top_k_exactly_k(logits, k):
@@ -35,68 +24,26 @@ def top_k_exactly_k(logits, k):
     return logits.masked_fill(~keep, NEG_INF)
 
 
-def top_k_smallest(logits, k):
-    kth = logits.topk(min(k, logits.shape[-1]), dim=-1, largest=False).values[..., -1:]
-    return logits.masked_fill(logits > kth, NEG_INF)
-
-
-def top_k_no_clamp(logits, k):
-    kth = logits.topk(k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, NEG_INF)
-
-
-# --------------------------------------------------------------- apply_top_p
-
-
-def drop_sorted(logits, drop, order):
-    """Remove the tokens that `drop` marks in sorted order."""
+def nucleus(logits, p, *, on_probs=True, descending=True, crossing_stays=True, keep_top=True):
+    """Top-p with a switch for each way it goes wrong; as is, it lacks only the special case
+    p == 1 (in float32 the running total can reach 1.0 before the last token)."""
+    values, order = (logits.softmax(dim=-1) if on_probs else logits).sort(
+        dim=-1, descending=descending
+    )
+    total = values.cumsum(dim=-1)
+    drop = total - values >= p if crossing_stays else total > p
+    if keep_top:
+        drop[..., 0] = False
     return logits.masked_fill(drop.scatter(-1, order, drop), NEG_INF)
-
-
-def top_p_drops_crossing(logits, p):
-    probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
-    drop = probs.cumsum(dim=-1) > p  # the token that crosses p goes too
-    drop[..., 0] = False
-    return drop_sorted(logits, drop, order)
-
-
-def top_p_on_logits(logits, p):
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    drop = sorted_logits.cumsum(dim=-1) - sorted_logits >= p  # cumulative logits
-    drop[..., 0] = False
-    return drop_sorted(logits, drop, order)
-
-
-def top_p_ascending(logits, p):
-    probs, order = logits.softmax(dim=-1).sort(dim=-1)  # least likely first
-    return drop_sorted(logits, probs.cumsum(dim=-1) - probs >= p, order)
-
-
-def top_p_no_special_one(logits, p):
-    probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
-    drop = probs.cumsum(dim=-1) - probs >= p  # at p=1 float32 rounding can reach 1.0 early
-    drop[..., 0] = False
-    return drop_sorted(logits, drop, order)
-
-
-# --------------------------------------------------------------- apply_frequency_penalty
 
 
 def counts(logits, tokens):
     return F.one_hot(tokens, logits.shape[-1]).sum(dim=1).to(logits.dtype)
 
 
-def penalty_whole_batch(logits, tokens, penalty):
-    batch_counts = torch.bincount(tokens.flatten(), minlength=logits.shape[-1])
-    return logits - penalty * batch_counts.to(logits.dtype)
-
-
 def penalty_divides(logits, tokens, penalty):
     seen = counts(logits, tokens) > 0  # Hugging Face's repetition penalty
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
-# --------------------------------------------------------------- sample_next_token
 
 
 def draw(logits, generator):
@@ -107,6 +54,25 @@ def penalised(logits, frequency_penalty=0.0, generated=None):
     if frequency_penalty and generated is not None and generated.shape[-1] > 0:
         return apply_frequency_penalty(logits, generated, frequency_penalty)
     return logits
+
+
+def sampler(*order):
+    """sample_next_token with its steps in `order` (right: penalty, temperature, top_k, top_p)."""
+
+    def sample(logits, *, temperature=1.0, top_k=None, top_p=None, generator=None, **penalty):
+        if temperature == 0:
+            return penalised(logits, **penalty).argmax(dim=-1)
+        steps = {
+            "penalty": lambda x: penalised(x, **penalty),
+            "temperature": lambda x: x / temperature,
+            "top_k": lambda x: x if top_k is None else apply_top_k(x, top_k),
+            "top_p": lambda x: x if top_p is None else apply_top_p(x, top_p),
+        }
+        for step in order:
+            logits = steps[step](logits)
+        return draw(logits, generator)
+
+    return sample
 
 
 def greedy_no_penalty(logits, *, temperature=1.0, **settings):
@@ -120,47 +86,9 @@ def zero_divides(logits, *, temperature=1.0, frequency_penalty=0.0, generated=No
     return sample_next_token(logits, **settings)
 
 
-def always_greedy(logits, *, frequency_penalty=0.0, generated=None, **settings):
-    return penalised(logits, frequency_penalty, generated).argmax(dim=-1)
-
-
-def temperature_multiplied(logits, *, temperature=1.0, **settings):
-    # multiplying by t is dividing by 1 / t
-    return sample_next_token(logits, temperature=1 / temperature if temperature else 0, **settings)
-
-
-def filters_before_temperature(
-    logits, *, temperature=1.0, top_k=None, top_p=None, generator=None, **penalty
-):
-    logits = sample_filters(penalised(logits, **penalty), top_k, top_p)
-    return logits.argmax(dim=-1) if temperature == 0 else draw(logits / temperature, generator)
-
-
-def sample_filters(logits, top_k, top_p):
-    logits = logits if top_k is None else apply_top_k(logits, top_k)
-    return logits if top_p is None else apply_top_p(logits, top_p)
-
-
-def top_p_first(logits, *, temperature=1.0, top_k=None, top_p=None, generator=None, **penalty):
-    logits = penalised(logits, **penalty)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = apply_temperature(logits, temperature)
-    logits = logits if top_p is None else apply_top_p(logits, top_p)
-    logits = logits if top_k is None else apply_top_k(logits, top_k)
-    return draw(logits, generator)
-
-
-def penalty_after_temperature(
-    logits, *, temperature=1.0, top_k=None, top_p=None, generator=None, **penalty
-):
-    if temperature == 0:
-        return penalised(logits, **penalty).argmax(dim=-1)
-    logits = sample_filters(apply_temperature(logits, temperature), top_k, top_p)
-    return draw(penalised(logits, **penalty), generator)
-
-
-# --------------------------------------------------------------- generate
+def variant(base, **changes):
+    """`base` (a right loop below) with the attributes or steps in `changes` done wrong."""
+    return type(base.__name__, (base,), changes)()
 
 
 class Generate:
@@ -176,7 +104,7 @@ class Generate:
             token = sample_next_token(
                 logits, generated=generated, generator=rng, **self.settings(settings)
             )
-            if eos_token_id is not None:
+            if eos_token_id is not None and self.uses_eos:
                 token = self.after_eos(token, finished, eos_token_id)
                 finished = finished | (token == eos_token_id)
             tokens = torch.cat([tokens, token[:, None]], dim=1)
@@ -184,7 +112,7 @@ class Generate:
                 break
         return tokens
 
-    all_finished_stops = True
+    all_finished_stops = uses_eos = True
 
     def generator(self, seed):
         return None if seed is None else torch.Generator().manual_seed(seed)
@@ -202,47 +130,10 @@ class Generate:
         return token.masked_fill(finished, eos_token_id)
 
 
-class FirstPosition(Generate):
-    def next_logits(self, model, tokens):
-        return model(tokens)[:, 0]
-
-
-class FinishedRowsContinue(Generate):
-    def after_eos(self, token, finished, eos_token_id):
-        return token
-
-
-class IgnoresEos(Generate):
-    def __call__(self, model, tokens, max_new_tokens, *, eos_token_id=None, **settings):
-        return super().__call__(model, tokens, max_new_tokens, **settings)
-
-
-class NoEarlyStop(Generate):
-    all_finished_stops = False
-
-
-class PromptPenalised(Generate):
-    def penalised_tokens(self, tokens, prompt_len):
-        return tokens
-
-
-class SeedIgnored(Generate):
-    def generator(self, seed):
-        return None
-
-
 class GlobalSeed(Generate):
     def generator(self, seed):
         if seed is not None:
             torch.manual_seed(seed)
-
-
-class SettingsDropped(Generate):
-    def settings(self, settings):
-        return {k: v for k, v in settings.items() if k not in ("top_k", "top_p")}
-
-
-# --------------------------------------------------------------- beam_search
 
 
 class BeamSearch:
@@ -307,34 +198,6 @@ class BeamSearch:
         return early_stopping is True
 
 
-class NoLengthNormalisation(BeamSearch):
-    def normalised(self, score, step):
-        return score
-
-
-class LengthIncludesPrompt(BeamSearch):
-    def normalised(self, score, step):
-        return score / (self.prompt_len + step) ** self.length_penalty
-
-
-class FinishedKeepRunning(BeamSearch):
-    finished_keep_running = True
-
-
-class FinishedDropped(BeamSearch):
-    def keeps_finished(self, step, max_new_tokens):
-        return step == max_new_tokens  # only hypotheses cut off by the length limit
-
-
-class IgnoresEarlyStopping(BeamSearch):
-    def stops_when_full(self, early_stopping):
-        return False
-
-
-class NeverStopsEarly(BeamSearch):
-    stops_early = False
-
-
 class PerBeamGreedy(BeamSearch):
     def candidates(self, scores, log_probs, num_beams, step):
         if step == 1:
@@ -348,54 +211,54 @@ MISTAKES = {
     "sampling.apply_temperature": [
         Mistake("multiplied", "logits multiplied by the temperature instead of divided by it", lambda logits, temperature: logits * temperature),
         Mistake("probabilities", "probabilities (a softmax) instead of logits", lambda logits, temperature: (logits / temperature).softmax(dim=-1)),
-        Mistake("in_place", "dividing the logits in place (logits /= temperature)", temperature_in_place),
+        Mistake("in_place", "dividing the logits in place (logits /= temperature)", lambda logits, temperature: logits.div_(temperature)),
     ],
     "sampling.apply_top_k": [
-        Mistake("keeps_k_plus_one", "top-k that keeps k + 1 tokens (an off-by-one at the k-th value)", lambda logits, k: logits.masked_fill(logits < kth_largest(logits, k + 1), NEG_INF)),
+        Mistake("keeps_k_plus_one", "top-k that keeps k + 1 tokens (an off-by-one at the k-th value)", lambda logits, k: logits.masked_fill(logits < kth(logits, k + 1), NEG_INF)),
         Mistake("ties_dropped", "top-k that keeps exactly k tokens, dropping tokens tied with the k-th largest logit (Hugging Face keeps every token whose logit is >= the k-th largest)", top_k_exactly_k),
-        Mistake("smallest", "keeping the k smallest logits instead of the k largest", top_k_smallest),
-        Mistake("zero_fill", "removed tokens set to 0 instead of -inf (a logit of 0 still has probability)", lambda logits, k: logits.masked_fill(logits < kth_largest(logits, k), 0.0)),
-        Mistake("no_clamp", "k not clamped to the vocabulary size (topk fails when k > d_vocab)", top_k_no_clamp),
+        Mistake("smallest", "keeping the k smallest logits instead of the k largest", lambda logits, k: logits.masked_fill(logits > kth(logits, k, largest=False), NEG_INF)),
+        Mistake("zero_fill", "removed tokens set to 0 instead of -inf (a logit of 0 still has probability)", lambda logits, k: logits.masked_fill(logits < kth(logits, k), 0.0)),
+        Mistake("no_clamp", "k not clamped to the vocabulary size (topk fails when k > d_vocab)", lambda logits, k: logits.masked_fill(logits < logits.topk(k, dim=-1).values[..., -1:], NEG_INF)),
     ],
     "sampling.apply_top_p": [
-        Mistake("drops_crossing_token", "top-p that drops the token whose probability makes the total cross p (keep a token while the mass *before* it is below p)", top_p_drops_crossing),
-        Mistake("on_logits", "top-p computed on cumulative logits instead of cumulative probabilities (softmax first)", top_p_on_logits),
-        Mistake("ascending", "top-p that walks from the least likely token up (sort descending)", top_p_ascending),
-        Mistake("p_one_rounding", "top-p with p=1 removing the least likely tokens: in float32 the running total can reach 1.0 before the last token, so return the logits unchanged when p == 1", top_p_no_special_one),
+        Mistake("drops_crossing_token", "top-p that drops the token whose probability makes the total cross p (keep a token while the mass *before* it is below p)", lambda logits, p: nucleus(logits, p, crossing_stays=False)),
+        Mistake("on_logits", "top-p computed on cumulative logits instead of cumulative probabilities (softmax first)", lambda logits, p: nucleus(logits, p, on_probs=False)),
+        Mistake("ascending", "top-p that walks from the least likely token up (sort descending)", lambda logits, p: nucleus(logits, p, descending=False, keep_top=False)),
+        Mistake("p_one_rounding", "top-p with p=1 removing the least likely tokens: in float32 the running total can reach 1.0 before the last token, so return the logits unchanged when p == 1", nucleus),
         Mistake("threshold", "a probability threshold (remove tokens below 1 - p) instead of a cumulative one", lambda logits, p: logits.masked_fill(logits.softmax(dim=-1) < 1 - p, NEG_INF)),
     ],
     "sampling.apply_frequency_penalty": [
         Mistake("wrong_sign", "the penalty added instead of subtracted (repeats become more likely)", lambda logits, tokens, penalty: logits + penalty * counts(logits, tokens)),
         Mistake("presence", "a presence penalty: penalty once per token seen, not once per occurrence", lambda logits, tokens, penalty: logits - penalty * (counts(logits, tokens) > 0).float()),
-        Mistake("whole_batch", "occurrences counted over the whole batch instead of per row", penalty_whole_batch),
+        Mistake("whole_batch", "occurrences counted over the whole batch instead of per row", lambda logits, tokens, penalty: logits - penalty * torch.bincount(tokens.flatten(), minlength=logits.shape[-1]).to(logits.dtype)),
         Mistake("repetition_penalty", "Hugging Face's repetition penalty (divide positive logits of seen tokens, multiply negative ones) instead of subtracting penalty * count", penalty_divides),
     ],
     "sampling.sample_next_token": [
         Mistake("greedy_no_penalty", "temperature 0 returning the argmax of the raw logits, before the frequency penalty", greedy_no_penalty),
         Mistake("zero_divides", "temperature 0 not treated as greedy (dividing by 0 gives inf / NaN probabilities)", zero_divides),
-        Mistake("always_greedy", "always the most likely token (argmax) instead of a random draw", always_greedy),
-        Mistake("temperature_multiplied", "logits multiplied by the temperature instead of divided", temperature_multiplied),
-        Mistake("filters_before_temperature", "top-k / top-p applied before the temperature (top-p must see the tempered probabilities)", filters_before_temperature),
-        Mistake("top_p_first", "top-p applied before top-k (Hugging Face applies top-k first)", top_p_first),
-        Mistake("penalty_after_temperature", "the frequency penalty applied after the temperature (it must come first, on the raw logits)", penalty_after_temperature),
+        Mistake("always_greedy", "always the most likely token (argmax) instead of a random draw", lambda logits, *, frequency_penalty=0.0, generated=None, **settings: penalised(logits, frequency_penalty, generated).argmax(dim=-1)),
+        Mistake("temperature_multiplied", "logits multiplied by the temperature instead of divided", lambda logits, *, temperature=1.0, **settings: sample_next_token(logits, temperature=1 / temperature if temperature else 0, **settings)),
+        Mistake("filters_before_temperature", "top-k / top-p applied before the temperature (top-p must see the tempered probabilities)", sampler("penalty", "top_k", "top_p", "temperature")),
+        Mistake("top_p_first", "top-p applied before top-k (Hugging Face applies top-k first)", sampler("penalty", "temperature", "top_p", "top_k")),
+        Mistake("penalty_after_temperature", "the frequency penalty applied after the temperature (it must come first, on the raw logits)", sampler("temperature", "top_k", "top_p", "penalty")),
     ],
     "sampling.generate": [
-        Mistake("first_position", "the logits of the first position (logits[:, 0]) instead of the last", FirstPosition()),
-        Mistake("finished_rows_continue", "rows that produced eos carrying on with ordinary tokens (a finished row must only get eos)", FinishedRowsContinue()),
-        Mistake("ignores_eos", "eos_token_id ignored", IgnoresEos()),
-        Mistake("no_early_stop", "generation that goes on to max_new_tokens after every row has finished (stop once all have eos)", NoEarlyStop()),
-        Mistake("prompt_penalised", "a frequency penalty that counts the prompt's tokens too (only generated tokens count)", PromptPenalised()),
-        Mistake("seed_ignored", "a seed that is ignored (draws from torch's global random state)", SeedIgnored()),
+        Mistake("first_position", "the logits of the first position (logits[:, 0]) instead of the last", variant(Generate, next_logits=lambda self, model, tokens: model(tokens)[:, 0])),
+        Mistake("finished_rows_continue", "rows that produced eos carrying on with ordinary tokens (a finished row must only get eos)", variant(Generate, after_eos=lambda self, token, finished, eos_token_id: token)),
+        Mistake("ignores_eos", "eos_token_id ignored", variant(Generate, uses_eos=False)),
+        Mistake("no_early_stop", "generation that goes on to max_new_tokens after every row has finished (stop once all have eos)", variant(Generate, all_finished_stops=False)),
+        Mistake("prompt_penalised", "a frequency penalty that counts the prompt's tokens too (only generated tokens count)", variant(Generate, penalised_tokens=lambda self, tokens, prompt_len: tokens)),
+        Mistake("seed_ignored", "a seed that is ignored (draws from torch's global random state)", variant(Generate, generator=lambda self, seed: None)),
         Mistake("global_seed", "seeding with torch.manual_seed, which resets torch's global random state", GlobalSeed()),
-        Mistake("settings_dropped", "top_k / top_p not passed on to sample_next_token", SettingsDropped()),
+        Mistake("settings_dropped", "top_k / top_p not passed on to sample_next_token", variant(Generate, settings=lambda self, settings: {k: v for k, v in settings.items() if k not in ("top_k", "top_p")})),
     ],
     "sampling.beam_search": [
-        Mistake("no_length_normalisation", "finished hypotheses ranked by total log-probability, not divided by length ** length_penalty", NoLengthNormalisation()),
-        Mistake("length_includes_prompt", "a length penalty that counts the prompt (divide by the number of generated tokens only)", LengthIncludesPrompt()),
-        Mistake("finished_keep_running", "beams that ended in eos kept running (a finished hypothesis must leave the running beams)", FinishedKeepRunning()),
-        Mistake("finished_dropped", "hypotheses that ended in eos thrown away (keep the num_beams best finished ones)", FinishedDropped()),
-        Mistake("ignores_early_stopping", "early_stopping=True treated like False (with True, stop as soon as num_beams hypotheses have finished)", IgnoresEarlyStopping()),
-        Mistake("never_stops_early", "a search that never stops before max_new_tokens (with early_stopping=False it stops when the best running beam, divided by its length ** length_penalty, cannot beat the worst kept hypothesis)", NeverStopsEarly()),
+        Mistake("no_length_normalisation", "finished hypotheses ranked by total log-probability, not divided by length ** length_penalty", variant(BeamSearch, normalised=lambda self, score, step: score)),
+        Mistake("length_includes_prompt", "a length penalty that counts the prompt (divide by the number of generated tokens only)", variant(BeamSearch, normalised=lambda self, score, step: score / (self.prompt_len + step) ** self.length_penalty)),
+        Mistake("finished_keep_running", "beams that ended in eos kept running (a finished hypothesis must leave the running beams)", variant(BeamSearch, finished_keep_running=True)),
+        Mistake("finished_dropped", "hypotheses that ended in eos thrown away (keep the num_beams best finished ones)", variant(BeamSearch, keeps_finished=lambda self, step, max_new_tokens: step == max_new_tokens)),
+        Mistake("ignores_early_stopping", "early_stopping=True treated like False (with True, stop as soon as num_beams hypotheses have finished)", variant(BeamSearch, stops_when_full=lambda self, early_stopping: False)),
+        Mistake("never_stops_early", "a search that never stops before max_new_tokens (with early_stopping=False it stops when the best running beam, divided by its length ** length_penalty, cannot beat the worst kept hypothesis)", variant(BeamSearch, stops_early=False)),
         Mistake("per_beam_greedy", "each beam extended only by its own best token (num_beams greedy searches), not the best candidates over all beams", PerBeamGreedy()),
     ],
 }
