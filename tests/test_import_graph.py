@@ -72,3 +72,25 @@ def test_errors_are_reported_at_the_learners_line(tmp_path):
         described = describe_exception(error)
     assert "learner_layernorm.py, line 4" in described.replace(str(tmp_path) + "/", ""), described
     assert "einops/einops.py" not in described
+
+
+def test_no_notebook_imports_solutions():
+    # the notebooks ship in a learner's release, which has no solutions/
+    import json
+
+    notebooks = Path(__file__).resolve().parent.parent / "notebooks"
+    offenders = []
+    for notebook in sorted(notebooks.glob("*.ipynb")):
+        for cell in json.loads(notebook.read_text())["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] != "code" or source.lstrip().startswith(("%", "!")):
+                continue
+            code = "\n".join(
+                line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))
+            )
+            for _, module in imported_modules(ast.parse(code)):
+                if module == "solutions" or module.startswith("solutions."):
+                    offenders.append(f"{notebook.name} imports {module}")
+            if "parts.SOLUTIONS" in source:
+                offenders.append(f"{notebook.name} uses parts.SOLUTIONS")
+    assert not offenders, "\n".join(offenders)
