@@ -170,8 +170,8 @@ def _detached(output: Any) -> Any:
         return output.detach().clone()
     if isinstance(output, tuple | list):
         return type(output)(_detached(o) for o in output)
-    if type(output) is dict:
-        return {k: _detached(v) for k, v in output.items()}
+    if type(output) is dict:  # built afresh by the call (probes, parameters by name): no copy
+        return {k: v.detach() if isinstance(v, Tensor) else v for k, v in output.items()}
     return output
 
 
@@ -199,7 +199,8 @@ def run_cases(
                 seen = call(implementation, run_case)
             if not isinstance(seen, Observation):
                 seen = Observation(seen)
-            outcome = Outcome(output=_detached(seen.output), probes=_detached(seen.probes))
+            probes = {name: _detached(value) for name, value in seen.probes.items()}
+            outcome = Outcome(output=_detached(seen.output), probes=probes)
         except NotImplementedError as error:
             outcome = Outcome(error=describe_exception(error), not_implemented=True)
         except CheckSetupError as error:
@@ -214,11 +215,14 @@ def run_cases(
     return outcomes
 
 
-def build_cached(cache: dict, cls: Any, cfg: Any) -> nn.Module:
+def build_cached(cache: dict, cls: Any, cfg: Any, unfilled: bool = False) -> nn.Module:
     """`cls(cfg)`, built once per class and config (building costs more than running).
 
     `cache` is the calling check's own dict; it keeps at most one module alive, since
-    a GPT-2-sized one holds hundreds of megabytes.
+    a GPT-2-sized one holds hundreds of megabytes. `unfilled`: every parameter is about
+    to be overwritten, so skip drawing random ones (build on the "meta" device, then give
+    it empty memory); a module with buffers, or one that cannot be built so, is built
+    the ordinary way.
     """
     key = (id(cls), id(cfg))
     module = cache.get(key)
@@ -226,7 +230,8 @@ def build_cached(cache: dict, cls: Any, cfg: Any) -> nn.Module:
         return module
     what = getattr(cls, "__name__", "your module")
     try:
-        module = cls(cfg)
+        module = _build_unfilled(cls, cfg) if unfilled else None
+        module = module if module is not None else cls(cfg)
     except NotImplementedError:
         raise
     except Exception as error:
@@ -236,6 +241,19 @@ def build_cached(cache: dict, cls: Any, cfg: Any) -> nn.Module:
     cache.clear()
     cache[key] = module
     return module
+
+
+def _build_unfilled(cls: Any, cfg: Any) -> nn.Module | None:
+    try:
+        with torch.device("meta"):
+            module = cls(cfg)
+        if isinstance(module, nn.Module) and not any(True for _ in module.buffers()):
+            return module.to_empty(device="cpu")
+    except NotImplementedError:
+        raise
+    except Exception:
+        pass  # built the ordinary way, which reports a genuine error properly
+    return None
 
 
 def call_module(forward: str = "forward") -> Callable[[Any, Case], Any]:

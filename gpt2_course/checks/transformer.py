@@ -115,7 +115,7 @@ def call_transformer(cls: Any, case: Case) -> Observation:
         raise CheckSetupError(f"{what} must be a class (a torch.nn.Module subclass)")
     owner = next(c for c in cls.__mro__ if "__init__" in c.__dict__)
     with parts.using(parts.REFERENCE):
-        module = build_cached(_BUILT, owner, case.cfg)
+        module = build_cached(_BUILT, owner, case.cfg, unfilled=True)
     try:
         load_gpt2_weights(module, case.params)
     except Exception as error:

@@ -11,7 +11,7 @@ def add_parameters(module: nn.Module, cfg: TransformerConfig, shapes: dict[str, 
     parameters at their neutral value (w = 1, everything else 0)."""
     for name, shape in shapes.items():
         if name.startswith("W"):
-            value = torch.randn(shape) * cfg.init_range
+            value = torch.empty(shape).normal_(std=cfg.init_range)
         else:
             value = torch.ones(shape) if name == "w" else torch.zeros(shape)
         module.register_parameter(name, nn.Parameter(value))
