@@ -15,6 +15,13 @@ from gpt2_course import parts, policy
 from gpt2_course.checks.core import Verdict, describe_exception
 from gpt2_course.checks.registry import Check, all_checks, get_check
 
+# status -> (terminal mark, colour, symbol)
+LOOK = {
+    "passed": ("PASS", "#1a7f37", "&#10004;"),
+    "failed": ("FAIL", "#cf222e", "&#10008;"),
+    "not implemented": ("TODO", "#9a6700", "&#8230;"),
+}
+
 
 @dataclass
 class CheckResult:
@@ -27,18 +34,12 @@ class CheckResult:
     seconds: float
 
     def report(self) -> str:
-        mark = {"passed": "PASS", "failed": "FAIL", "not implemented": "TODO"}[self.status]
-        return f"[{mark}] {self.id} ({self.seconds:.2f} s): {self.feedback}"
+        return f"[{LOOK[self.status][0]}] {self.id} ({self.seconds:.2f} s): {self.feedback}"
 
     def _repr_html_(self) -> str:  # shown in notebooks
         import html
 
-        colour = {"passed": "#1a7f37", "failed": "#cf222e", "not implemented": "#9a6700"}[
-            self.status
-        ]
-        symbol = {"passed": "&#10004;", "failed": "&#10008;", "not implemented": "&#8230;"}[
-            self.status
-        ]
+        _, colour, symbol = LOOK[self.status]
         return (
             f'<div style="border-left:4px solid {colour};padding:4px 10px">'
             f'<b style="color:{colour}">{symbol} {html.escape(self.id)}: {self.status}</b> '
@@ -61,11 +62,9 @@ def load_implementation(check: Check, package: str) -> Any:
         raise ImportError(
             f"{where} has a syntax error on line {error.lineno}: {error.msg}"
         ) from error
-    except ModuleNotFoundError as error:
-        if error.name and error.name.endswith(module):
-            raise ImportError(f"{where} is missing") from error
-        raise ImportError(f"importing {where} failed: {describe_exception(error)}") from error
     except Exception as error:
+        if isinstance(error, ModuleNotFoundError) and (error.name or "").endswith(module):
+            raise ImportError(f"{where} is missing") from error
         raise ImportError(f"importing {where} failed: {describe_exception(error)}") from error
     implementation = getattr(source, name, None)
     if implementation is None:

@@ -1,15 +1,10 @@
 """Checks for the causal mask and MultiHeadAttention (notebook 03).
 
-What the reference's hooks hold (TransformerLens 4.3 bridge around Hugging Face
-GPT-2, verified in tests/test_attention_mlp_block.py):
-
-* `attn.hook_q` / `hook_k` / `hook_v`: [batch, pos, n_heads, d_head], biases included;
-* `attn.hook_attn_scores`: q.k / sqrt(d_head), already masked, with the future set
-  to torch.finfo(float32).min (not -inf), shape [batch, n_heads, query, key];
-* `hook_attn_out` (= `attn.hook_out`): z through W_O, summed over heads, plus b_O.
-
-A correct mask may use -inf, finfo.min, -1e9, ...: the mask check therefore
-accepts any value whose softmax weight is 0, and compares the rest exactly.
+The reference's hooks (TransformerLens 4.3 bridge, verified in tests/test_attention_mlp_block.py):
+`attn.hook_q/k/v` are [batch, pos, n_heads, d_head], biases included; `attn.hook_attn_scores`
+is q.k / sqrt(d_head) [batch, n_heads, query, key], masked with finfo(float32).min, not -inf;
+`hook_attn_out` is z through W_O, summed over heads, plus b_O. A correct mask may use -inf,
+finfo.min, -1e9...: the mask check accepts any value whose softmax weight is 0.
 """
 
 import math
@@ -19,17 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from gpt2_course.checks.core import (
-    ATOL,
-    RTOL,
-    Case,
-    Observation,
-    Outcome,
-    build_cached,
-    call_module,
-    compare,
-    load_params,
-)
+from gpt2_course.checks import core
+from gpt2_course.checks.core import Case, Observation, Outcome, compare
 from gpt2_course.checks.reference_data import GPT2_SMALL, batch_run, randn, text_run
 from gpt2_course.checks.registry import Check, register
 from gpt2_course.config import TransformerConfig
@@ -45,11 +31,8 @@ MASK_INPUT = "apply_causal_mask_input"  # the forward check's probe: the scores 
 
 
 def random_attention_params(cfg: TransformerConfig, seed: int, scale: float) -> dict[str, Tensor]:
-    """Weights large enough that scores are O(1) after scaling, and non-zero biases.
-
-    GPT-2's random initialisation gives tiny scores and zero biases, which would
-    hide a missing scale, a missing bias or b_O added once per head.
-    """
+    """Scores O(1) after scaling and non-zero biases: GPT-2's random initialisation (tiny
+    scores, zero biases) would hide a missing scale, a missing bias or b_O added per head."""
     h, m, d = cfg.n_heads, cfg.d_model, cfg.d_head
     w = scale / math.sqrt(m) * 1.6  # q and k of std ~1.6 * scale for unit-variance inputs
     params = {f"W_{n}": randn(h, m, d, seed=seed + i, scale=w) for i, n in enumerate("QKV")}
@@ -79,7 +62,6 @@ def real_scores(acts: dict[str, Tensor], layer: int) -> Tensor:
 def mask_cases() -> list[Case]:
     cases = []
     for name, acts, layer in real_runs((0, 6)):
-        # the reference's own masked scores: the hook the learner's mask is compared with
         scores, expected = real_scores(acts, layer), acts[f"blocks.{layer}.attn.hook_attn_scores"]
         cases.append(Case(f"{name}, blocks.{layer} scores", (scores,), None, GPT2_SMALL, expected))
     for seed, shape, scale in [
@@ -96,24 +78,21 @@ def mask_cases() -> list[Case]:
 
 
 def compare_mask(
-    actual: Any, expected: Tensor, atol: float = ATOL, rtol: float = RTOL
+    actual: Any, expected: Tensor, atol: float = core.ATOL, rtol: float = core.RTOL
 ) -> str | None:
     """Visible scores unchanged; masked ones so negative that the softmax gives them 0."""
     form = (actual.shape, actual.dtype) if isinstance(actual, Tensor) else None
     if form != (expected.shape, expected.dtype):
         return compare(actual, expected, atol, rtol)
     actual, expected = actual.detach().cpu(), expected.detach().cpu()
-    if torch.isnan(actual).any():
-        where = torch.isnan(actual).nonzero()[0].tolist()
+    if (nan := torch.isnan(actual)).any():
         return (
-            f"your masked scores contain NaN ({int(torch.isnan(actual).sum())} of "
-            f"{actual.numel()}), first at [batch, head, query, key] = {where}. A mask must give "
-            "-inf or a very negative number, never NaN (0 * inf is NaN)"
+            f"your masked scores contain NaN ({int(nan.sum())} of {actual.numel()}), first at "
+            f"[batch, head, query, key] = {nan.nonzero()[0].tolist()}. A mask must give -inf or "
+            "a very negative number, never NaN (0 * inf is NaN)"
         )
     visible = expected > MASKED_BELOW
-    error = torch.where(visible, (actual - expected).abs(), torch.zeros_like(actual))
-    allowed = atol + rtol * torch.where(visible, expected.abs(), torch.zeros_like(expected))
-    changed = visible & ~(error <= allowed)
+    changed = visible & ~((actual - expected).abs() <= atol + rtol * expected.abs())
     if changed.any():
         b, h, q, k = changed.nonzero()[0].tolist()
         return (
@@ -139,8 +118,7 @@ def compare_mask(
 
 def judge_mask(outcome: Outcome, case: Case) -> str | None:
     problem = compare_mask(outcome.output, case.expected, case.atol, case.rtol)
-    if problem is None and outcome.modified_args:
-        # judged here, not by the registry's generic message, so that the diagnosis runs
+    if problem is None and outcome.modified_args:  # here, not generic, so the diagnosis runs
         return (
             "your apply_causal_mask changed `scores` in place: return a masked copy "
             "(masked_fill or torch.where, not masked_fill_)"
@@ -153,7 +131,7 @@ register(
         "attention.MultiHeadAttention.apply_causal_mask",
         "causal mask on attention scores",
         mask_cases,
-        call_module("apply_causal_mask"),
+        core.call_module("apply_causal_mask"),
         judge_case=judge_mask,
     )
 )
@@ -167,10 +145,8 @@ def attention_cases() -> list[Case]:
     for name, acts, layer in real_runs((0, 7)):
         attn = get_reference().bridge.blocks[layer].attn
         params = {n: getattr(attn, n).detach().clone() for n in ATTENTION_PARAMS}
-        expected = Observation(
-            acts[f"blocks.{layer}.hook_attn_out"], {MASK_INPUT: real_scores(acts, layer)}
-        )
-        x = acts[f"blocks.{layer}.ln1.hook_out"]
+        x, out = acts[f"blocks.{layer}.ln1.hook_out"], acts[f"blocks.{layer}.hook_attn_out"]
+        expected = Observation(out, {MASK_INPUT: real_scores(acts, layer)})
         cases.append(Case(f"{name}, blocks.{layer}.attn", (x,), params, GPT2_SMALL, expected))
     for seed, cfg, shape, scale, label in [
         (61, GPT2_SMALL, (2, 11), 1.0, "random weights and biases"),
@@ -186,8 +162,7 @@ def attention_cases() -> list[Case]:
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # scales by 1/sqrt(d_head)
         out = torch.einsum("bhpd,hdm->bpm", z, p["W_O"]) + p["b_O"]
         scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.d_head)
-        expected = Observation(out, {MASK_INPUT: scores})
-        cases.append(Case(label, (x,), p, cfg, expected, seeded=True))
+        cases.append(Case(label, (x,), p, cfg, Observation(out, {MASK_INPUT: scores}), seeded=True))
     return cases
 
 
@@ -195,13 +170,12 @@ _built: dict = {}
 
 
 def call_attention(cls: Any, case: Case) -> Observation:
-    """Run forward, recording the scores it first passes to apply_causal_mask (a method,
-    so wrapped on the instance; a submodule would take a forward pre-hook)."""
-    module = build_cached(_built, cls, case.cfg)
-    load_params(module, case.params or {}, getattr(cls, "__name__", "your module"))
-    module.eval()
+    """Run forward, recording the scores it first passes to apply_causal_mask (a method:
+    wrapped on the instance)."""
+    module = core.build_cached(_built, cls, case.cfg)
+    core.load_params(module, case.params or {}, getattr(cls, "__name__", "your module"))
     probes: dict[str, Tensor] = {}
-    mask = getattr(module, "apply_causal_mask", None)
+    mask = getattr(module.eval(), "apply_causal_mask", None)
     if callable(mask):
 
         def recording_mask(scores, *args, **kwargs):
@@ -225,35 +199,35 @@ def judge_attention(outcome: Outcome, case: Case) -> str | None:
             "masked, e.g. the diagonal too), or 0 * inf from multiplying the scores by a mask."
         )
     scores, ref = outcome.probes.get(MASK_INPUT), case.expected.probes[MASK_INPUT]
-    visible = torch.ones(ref.shape[-2:], dtype=torch.bool).tril()
     if scores is None:
         return problem + (
             "\n  (Your forward does not call self.apply_causal_mask, so the check cannot tell "
             "whether the scores or a later step is wrong.)"
         )
+    visible = torch.ones(ref.shape[-2:], dtype=torch.bool).tril()
     if scores.shape != ref.shape:
-        return problem + (
-            f"\n  Where: the scores you pass to apply_causal_mask have shape {list(scores.shape)}; "
+        where = (
+            f"the scores you pass to apply_causal_mask have shape {list(scores.shape)}; "
             f"expected [batch, n_heads, query_pos, key_pos] = {list(ref.shape)}."
         )
-    rows_sum_to_1 = (scores.sum(-1) - 1).abs().max() < 1e-4
-    if torch.isfinite(scores).all() and scores.min() >= 0 and rows_sum_to_1:
-        return problem + (
-            "\n  Where: what you pass to apply_causal_mask is already a softmax (every row sums to "
-            "1): mask the scores before the softmax, so that the visible weights sum to 1."
+    elif scores.min() >= 0 and (scores.sum(-1) - 1).abs().max() < 1e-4:  # NaN, inf: False
+        where = (
+            "what you pass to apply_causal_mask is already a softmax (every row sums to 1): "
+            "mask the scores before the softmax, so that the visible weights sum to 1."
         )
-    if compare(scores[..., visible], ref[..., visible], case.atol, case.rtol) is None:
-        return problem + (
-            "\n  Where: the scores you pass to apply_causal_mask match the reference's "
-            "(hook_attn_scores), so queries, keys and the 1/sqrt(d_head) scale are right; the "
-            "difference comes later: the mask, the softmax, the weighted sum of values, or W_O "
-            "and b_O."
+    elif compare(scores[..., visible], ref[..., visible], case.atol, case.rtol) is None:
+        where = (
+            "the scores you pass to apply_causal_mask match the reference's (hook_attn_scores), "
+            "so queries, keys and the 1/sqrt(d_head) scale are right; the difference comes "
+            "later: the mask, the softmax, the weighted sum of values, or W_O and b_O."
         )
-    return problem + (
-        "\n  Where: the scores you pass to apply_causal_mask already differ from the reference's "
-        "(hook_attn_scores = q.k / sqrt(d_head)): look at the queries, the keys, their biases "
-        "and the scale."
-    )
+    else:
+        where = (
+            "the scores you pass to apply_causal_mask already differ from the reference's "
+            "(hook_attn_scores = q.k / sqrt(d_head)): look at the queries, the keys, their "
+            "biases and the scale."
+        )
+    return f"{problem}\n  Where: {where}"
 
 
 register(

@@ -1,9 +1,7 @@
-"""Checks for TransformerBlock (notebook 04).
-
-Only the block's wiring is under test: the check builds the learner's block with the
-reference parts' LayerNorm, attention and MLP (`parts.using(parts.REFERENCE)`), so a bug in
-another component cannot fail it. The reference's hooks (TransformerLens 4.3 bridge):
-`hook_resid_mid` = hook_resid_pre + hook_attn_out, `hook_resid_post` = resid_mid + hook_mlp_out.
+"""Checks for TransformerBlock (notebook 04): only its wiring, as the learner's block is built
+with the reference parts' LayerNorm, attention and MLP, so a bug elsewhere cannot fail it.
+The reference's hooks (TransformerLens 4.3 bridge): `hook_resid_mid` = hook_resid_pre +
+hook_attn_out, `hook_resid_post` = resid_mid + hook_mlp_out.
 """
 
 import math
@@ -15,12 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from gpt2_course import parts
-from gpt2_course.checks.attention import (
-    ATTENTION_PARAMS,
-    ODD_D_HEAD,
-    random_attention_params,
-    real_runs,
-)
+from gpt2_course.checks import attention
 from gpt2_course.checks.core import Case, Observation, Outcome, build_cached, compare, load_params
 from gpt2_course.checks.reference_data import GPT2_SMALL, randn
 from gpt2_course.checks.registry import Check, register
@@ -30,7 +23,7 @@ from gpt2_course.reference_parts.block import TransformerBlock
 
 LN2_INPUT = "ln2_input"  # the probe: what the block gives ln2 (resid_mid when right)
 BLOCK_PARAMS = (
-    [f"attn.{name}" for name in ATTENTION_PARAMS]
+    [f"attn.{name}" for name in attention.ATTENTION_PARAMS]
     + [f"mlp.{name}" for name in ("W_in", "b_in", "W_out", "b_out")]
     + [f"{ln}.{name}" for ln in ("ln1", "ln2") for name in ("w", "b")]
 )
@@ -40,7 +33,7 @@ def random_block_params(cfg: TransformerConfig, seed: int) -> dict[str, Tensor]:
     """Random weights, non-zero biases and two different LayerNorms (GPT-2's random
     LayerNorms are identical, w = 1 and b = 0, and would hide a shared one)."""
     m, h = cfg.d_model, cfg.d_mlp
-    params = {f"attn.{k}": v for k, v in random_attention_params(cfg, seed, 1.0).items()}
+    params = {f"attn.{k}": v for k, v in attention.random_attention_params(cfg, seed, 1.0).items()}
     params |= {
         "mlp.W_in": randn(m, h, seed=seed + 10, scale=1 / math.sqrt(m)),
         "mlp.b_in": randn(h, seed=seed + 11, scale=0.5),
@@ -78,20 +71,19 @@ def call_block() -> Callable[[Any, Case], Observation]:
 
 def block_cases() -> list[Case]:
     cases = []
-    for name, acts, layer in real_runs((0, 11)):
+    for name, acts, layer in attention.real_runs((0, 11)):
         block = get_reference().bridge.blocks[layer]
         params = {name: attrgetter(name)(block).detach().clone() for name in BLOCK_PARAMS}
         hook = f"blocks.{layer}.hook_resid_"
         expected = Observation(acts[hook + "post"], {LN2_INPUT: acts[hook + "mid"]})
-        cases.append(
-            Case(f"{name}, blocks.{layer}", (acts[hook + "pre"],), params, GPT2_SMALL, expected)
-        )
+        x = acts[hook + "pre"]
+        cases.append(Case(f"{name}, blocks.{layer}", (x,), params, GPT2_SMALL, expected))
     # Random-weight GPT-2's two LayerNorms are identical and its residual stream is
     # small, so a shared LayerNorm or a post-LN block would pass the cases above.
-    reference = call_block()
+    reference, odd = call_block(), attention.ODD_D_HEAD
     for seed, cfg, shape, scale, shift, label in [
         (91, GPT2_SMALL, (2, 6), 3.0, 0.5, "random weights, two different LayerNorms"),
-        (92, ODD_D_HEAD, (3, 5), 20.0, -4.0, "random weights, d_model=48, large residual stream"),
+        (92, odd, (3, 5), 20.0, -4.0, "random weights, d_model=48, large residual stream"),
     ]:
         x = randn(*shape, cfg.d_model, seed=seed + 40, scale=scale, shift=shift)
         case = Case(label, (x,), random_block_params(cfg, seed), cfg, seeded=True)
@@ -108,10 +100,7 @@ def judge_block(outcome: Outcome, case: Case) -> str | None:
         return None
     ln2_input = outcome.probes.get(LN2_INPUT)
     if ln2_input is None:
-        where = (
-            "your forward never calls self.ln2. Each sublayer has its own LayerNorm: "
-            "ln1 before the attention, ln2 before the MLP."
-        )
+        where = "your forward never calls self.ln2 (ln1 before the attention, ln2 before the MLP)."
     elif compare(ln2_input, case.expected.probes[LN2_INPUT], case.atol, case.rtol) is None:
         where = (
             "what you give ln2 matches hook_resid_mid, so the attention half is right; "

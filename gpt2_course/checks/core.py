@@ -154,13 +154,11 @@ def _snapshot(args: tuple) -> list[Tensor | None]:
 
 
 def _modified(args: tuple, before: list[Tensor | None]) -> list[int]:
-    changed = []
-    for i, (arg, old) in enumerate(zip(args, before, strict=True)):
-        if old is not None and isinstance(arg, Tensor):
-            same_shape = arg.shape == old.shape
-            if not same_shape or not torch.equal(arg.detach(), old):
-                changed.append(i)
-    return changed
+    return [
+        i
+        for i, (arg, old) in enumerate(zip(args, before, strict=True))
+        if old is not None and not (arg.shape == old.shape and torch.equal(arg.detach(), old))
+    ]
 
 
 def _detached(output: Any) -> Any:

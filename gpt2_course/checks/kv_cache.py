@@ -1,15 +1,14 @@
-"""Checks for the KV cache (notebook 08): `KVCache`; `forward_with_cache`, fed a prompt then
-single tokens and chunks, against Hugging Face GPT-2 run on the same chunks with its own cache;
-`generate_with_cache` against Hugging Face's `generate`, without calling the uncached
-`model(tokens)`; and each with a clear error past n_ctx. The models are course Transformers of
-reference parts holding the sampling checks' small seeded GPT-2 (n_ctx 64, so "up to n_ctx"
-costs little) or GPT-2 small with the reference's weights.
+"""Checks for the KV cache (notebook 08), each also for a clear error past n_ctx: `KVCache`;
+`forward_with_cache` fed chunks, against Hugging Face GPT-2 with its own cache; and
+`generate_with_cache` against Hugging Face's `generate`, without the uncached `model(tokens)`.
+The models: course Transformers of reference parts holding the sampling checks' seeded GPT-2
+(n_ctx 64, so "up to n_ctx" costs little) or GPT-2 small with the reference's weights.
 """
 
 import re
 import warnings
 from collections.abc import Callable
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gpt2_course import parts
-from gpt2_course.checks.core import Case, CheckSetupError, Outcome, compare, describe_exception
+from gpt2_course.checks.core import Case, CheckSetupError, Outcome, compare
 from gpt2_course.checks.reference_data import GPT2_SMALL, randn, text_run, text_tokens
 from gpt2_course.checks.registry import Check, register
 from gpt2_course.checks.sampling import PEAKED_GPT2, compare_tokens, small_model
@@ -58,7 +57,7 @@ class NoUncachedForward(nn.Module):
 
 
 def context_error(run: Callable[[], Any]) -> str:
-    """RAISED if `run` raises an error naming n_ctx or the context. Other errors propagate,
+    """RAISED if `run` raises an error naming n_ctx or the context; other errors propagate,
     so that the learner sees them (and a mistake can match them)."""
     try:
         run()
@@ -71,12 +70,13 @@ def context_error(run: Callable[[], Any]) -> str:
     return "returned normally"
 
 
-def judged_by(compare_values: Callable[[Any, Tensor], str | None]):
-    """A judge: `compare_values` for tensors; an expected str names a context error."""
+def checked(name: str, title: str, make_cases: Callable[[], list[Case]], values=compare):
+    """Register the decorated call as the check `kv_cache.<name>`, judged by `values` where
+    the expected is a tensor; an expected str names what must raise a context error."""
 
     def judge(outcome: Outcome, case: Case) -> str | None:
         if not isinstance(case.expected, str):
-            return compare_values(outcome.output, case.expected)
+            return values(outcome.output, case.expected)
         if outcome.output == RAISED:
             return None
         return (
@@ -84,14 +84,8 @@ def judged_by(compare_values: Callable[[Any, Tensor], str | None]):
             "(a ValueError) that says the context (n_ctx) is exceeded"
         )
 
-    return judge
-
-
-def checked(name: str, title: str, make_cases: Callable[[], list[Case]], values=compare):
-    """Register the decorated call as the check `kv_cache.<name>`."""
-
     def register_call(call: Callable[[Any, Case], Any]) -> Callable[[Any, Case], Any]:
-        register(Check(f"kv_cache.{name}", title, make_cases, call, judge_case=judged_by(values)))
+        register(Check(f"kv_cache.{name}", title, make_cases, call, judge_case=judge))
         return call
 
     return register_call
@@ -143,12 +137,7 @@ def stored(script: list, upto: int, want: str) -> Tensor:
 @checked("KVCache", "a cache of keys and values", cache_cases)
 def call_cache(cls: Any, case: Case) -> Any:
     script, upto, want = case.args
-    try:
-        kv = cls(CACHE_CFG, 2)
-    except NotImplementedError:
-        raise
-    except Exception as error:
-        raise CheckSetupError(f"KVCache(cfg, batch) failed: {describe_exception(error)}") from error
+    kv = cls(CACHE_CFG, 2)
     for layer, keys, values in script[: upto - 1]:
         kv.update(layer, keys.clone(), values.clone())
     layer, keys, values = script[upto - 1]
@@ -220,31 +209,26 @@ def call_forward(fn: Any, case: Case) -> Any:
 
 @torch.no_grad()
 def hf_generate(tokens: Tensor, max_new_tokens: int, **settings: Any) -> Tensor:
-    """Hugging Face's `generate` on the seeded GPT-2, with its own cache. It samples with
-    `torch.multinomial(probs, 1)` on the global generator: seeded with `seed`, its draws
-    are those of a torch.Generator seeded alike."""
+    """Hugging Face's `generate` on the seeded GPT-2, with its own cache. Its draws,
+    `torch.multinomial(probs, 1)` on the global generator seeded with `seed`, are a
+    torch.Generator's seeded alike."""
     from transformers import LogitsProcessor, LogitsProcessorList
 
     class FrequencyPenalty(LogitsProcessor):  # Hugging Face has no additive one
         def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-            new = input_ids[:, tokens.shape[1] :]
-            counts = F.one_hot(new, scores.shape[-1]).sum(1)
+            counts = F.one_hot(input_ids[:, tokens.shape[1] :], scores.shape[-1]).sum(1)
             return scores - settings.get("frequency_penalty", 0.0) * counts
 
     eos, temperature = settings.get("eos_token_id"), settings.get("temperature", 1.0)
-    sampling = {"temperature": temperature, "top_k": settings.get("top_k")}
+    options = {"attention_mask": torch.ones_like(tokens), "max_new_tokens": max_new_tokens}
+    options |= {"eos_token_id": eos, "pad_token_id": eos or 0, "do_sample": temperature > 0}
+    if temperature > 0:
+        options |= {"temperature": temperature, "top_k": settings.get("top_k")}
+    penalty = LogitsProcessorList([FrequencyPenalty()])
     with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
         warnings.simplefilter("ignore")
         torch.manual_seed(settings.get("seed", 0))
-        return small_model(0).hf.generate(
-            tokens,
-            attention_mask=torch.ones_like(tokens),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=0 if eos is None else eos,
-            logits_processor=LogitsProcessorList([FrequencyPenalty()]),
-            **(sampling | {"do_sample": True} if temperature > 0 else {"do_sample": False}),
-        )
+        return small_model(0).hf.generate(tokens, logits_processor=penalty, **options)
 
 
 def generate_cached_cases() -> list[Case]:
@@ -287,6 +271,5 @@ def call_generate_cached(fn: Any, case: Case) -> Any:
     # The check is about the cache: the next token comes from the reference sample_next_token.
     with parts.using(parts.REFERENCE), torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx:
-            return context_error(lambda: fn(model, tokens, max_new_tokens, **settings))
-        return fn(model, tokens, max_new_tokens, **settings)
+        run = partial(fn, model, tokens, max_new_tokens, **settings)
+        return context_error(run) if tokens.shape[1] + max_new_tokens > model.cfg.n_ctx else run()

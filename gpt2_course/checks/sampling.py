@@ -1,17 +1,14 @@
 """Checks for sampling (notebook 07).
 
-* The logit transforms against Hugging Face's logits processors (transformers 5.x:
-  top-k keeps every token tied with the k-th, top-p keeps the token that crosses p
-  and at least one), with ties and edge values; the frequency penalty against its
-  closed form. Each call also reports whether the input was changed in place.
-* Greedy `generate` and `beam_search` token for token against Hugging Face's
-  `generate` on the same model: GPT-2 small, and small GPT-2s whose weights come
-  from `randn` (the same on every CPU) and are large enough (scale 0.3) that the
-  next-token distributions are peaked: greedy margins, eos and beams all matter.
-* Sampling statistically, where nothing deterministic can be checked: many
-  draws with a seeded generator, returned as frequencies [groups, d_vocab] and
-  judged per token against the probability (5 standard errors plus half a count;
-  never a token of probability 0).
+* Logit transforms against Hugging Face's logits processors (transformers 5.x: top-k keeps
+  every token tied with the k-th, top-p keeps the token that crosses p and at least one),
+  the frequency penalty against its closed form; each call also reports in-place changes.
+* Greedy `generate` and `beam_search` token for token against Hugging Face's `generate`:
+  GPT-2 small, and small GPT-2s whose `randn` weights (the same on every CPU, scale 0.3)
+  give peaked next-token distributions, so that greedy margins, eos and beams all matter.
+* Sampling statistically: many seeded draws, returned as frequencies [groups, d_vocab] and
+  judged per token against the probability (5 standard errors plus half a count; never a
+  token of probability 0).
 """
 
 import warnings
@@ -50,16 +47,14 @@ class HFLogits(nn.Module):
 
     def __init__(self, hf_model: nn.Module, cfg: TransformerConfig):
         super().__init__()
-        self.hf = hf_model
-        self.cfg = cfg
+        self.hf, self.cfg = hf_model, cfg
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.hf(tokens, use_cache=False).logits
 
 
 class BigramModel(nn.Module):
-    """A language model whose next-token logits depend on the current token only:
-    its distributions are known exactly, so sampling can be checked statistically."""
+    """Next-token logits from the current token alone: exact distributions for the draws."""
 
     def __init__(self, table: Tensor):
         super().__init__()
@@ -93,9 +88,8 @@ def small_model(seed: int = 0) -> HFLogits:
 
 @cache
 def reference_model() -> HFLogits:
-    """The reference's weights in a Hugging Face GPT-2 of their own (the TransformerLens
-    bridge rewires `get_reference().hf_model`, whose cached `generate` then no longer
-    matches its own forward pass)."""
+    """The reference's weights in a Hugging Face GPT-2 of their own: the TransformerLens bridge
+    rewires `get_reference().hf_model`, whose cached `generate` then disagrees with it."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     with torch.device("meta"):
@@ -103,11 +97,6 @@ def reference_model() -> HFLogits:
     hf.load_state_dict(get_reference().hf_state_dict, assign=True)
     hf.tie_weights()
     return HFLogits(hf.eval(), TransformerConfig())
-
-
-@cache
-def bigram_model() -> BigramModel:
-    return BigramModel(randn(16, 16, seed=701, scale=1.6))
 
 
 @torch.no_grad()
@@ -161,10 +150,8 @@ def reference_distribution(logits: Tensor, settings: dict[str, Any]) -> Tensor:
     """The probabilities `sample_next_token` should draw from."""
     if settings.get("frequency_penalty") and settings.get("generated") is not None:
         logits = closed_form_penalty(logits, settings["generated"], settings["frequency_penalty"])
-    warped = hf_warp(
-        logits, settings.get("temperature", 1.0), settings.get("top_k"), settings.get("top_p")
-    )
-    return warped.double().softmax(dim=-1)
+    warpers = {k: v for k, v in settings.items() if k in ("temperature", "top_k", "top_p")}
+    return hf_warp(logits, **warpers).double().softmax(dim=-1)
 
 
 @dataclass
@@ -276,7 +263,6 @@ class Banded:
     either: Tensor  # bool: kept or removed are both right
 
     def accepting(self, actual: Tensor) -> Tensor:
-        """The expected logits, taking the learner's decision inside the band."""
         if actual.shape != self.logits.shape or not actual.is_floating_point():
             return self.logits
         theirs = torch.where(actual == NEG_INF, NEG_INF, self.original)
@@ -311,8 +297,7 @@ def judge_transform(outcome: Outcome, case: Case) -> str | None:
 
 
 def transform_cases(reference: Callable[..., Any], table: Callable[[], list]) -> list[Case]:
-    """A case per row (name, *args) of `table()`; rows on the reference's logits ("real ...")
-    are not seeded."""
+    """A case per row (name, *args) of `table()`; "real ..." rows (reference logits) unseeded."""
     return [
         Case(name, tuple(args), expected=reference(*args), seeded=not name.startswith("real"))
         for name, *args in table()
@@ -350,15 +335,11 @@ def top_k_table() -> list[tuple]:
     ]
 
 
-def peaked_rows(d_vocab: int = 50257) -> Tensor:
-    """Rows whose float32 running total reaches exactly 1.0 before the last token.
-
-    Row 0: one token carries all but ~5e-9 of the mass, so its probability rounds
-    to 1.0 in float32. Row 1: four tokens of probability 0.25 each (the tail's
-    ~1e-18 each is lost in the rounding). Whatever the order or kernel of the
-    summation, only a top-p that treats p = 1 as "keep everything" keeps the tail.
-    """
-    rows = torch.full((2, d_vocab), -30.0)
+def peaked_rows() -> Tensor:
+    """Rows whose float32 running total reaches exactly 1.0 before the last token (row 0: one
+    token holds all but ~5e-9; row 1: four of 0.25 each): in any summation order, only a top-p
+    that treats p = 1 as "keep everything" keeps the tail."""
+    rows = torch.full((2, 50257), -30.0)
     rows[0, 7] = 0.0
     rows[1] = -40.0
     rows[1, [3, 1000, 20000, 50000]] = 0.0
@@ -493,7 +474,7 @@ def eos_of(row: Tensor, prompt_len: int, step: int, avoid: Tensor) -> int:
 
 
 def generate_cases() -> list[Case]:
-    small, bigram = small_model(0), bigram_model()
+    small, bigram = small_model(0), BigramModel(randn(16, 16, seed=701, scale=1.6))
 
     def greedy(name: str, model: HFLogits, prompts: Tensor, n: int, **settings: Any) -> Case:
         if "frequency_penalty" in settings:  # which Hugging Face's generate does not have
@@ -573,11 +554,9 @@ def call_generate(fn: Any, case: Case) -> Any:
     return torch.tensor(flags)
 
 
-# Prompt and eos tokens chosen (once, by a search over a few seeds) so that finished
-# hypotheses of different lengths compete: without eos every hypothesis has the same
-# length, and neither the length penalty nor early stopping would matter. Each
-# mistake of the library fails on at least one case. All on small_model(0) with the
-# prompt random_prompts(1, 5, seed=861), 8 new tokens.
+# Eos tokens chosen (once, by a search) so that finished hypotheses of different lengths
+# compete: without eos, neither the length penalty nor early stopping would matter. Each
+# mistake fails on at least one case. All on small_model(0), random_prompts(1, 5, seed=861).
 BEAM_SETTINGS: list[tuple[str, int, dict[str, Any]]] = [  # name, num_beams, settings
     ("4 beams, 8 tokens, no eos", 4, {}),
     ("4 beams, eos 38, length_penalty 1", 4, {"eos_token_id": 38}),
@@ -599,13 +578,9 @@ def beam_cases() -> list[Case]:
     return cases
 
 
-def call_beam_search(fn: Any, case: Case) -> Any:
-    return fn(*case.args[:4], **case.args[4])
-
-
 for check_id, title, make_cases, call in [
     ("sampling.sample_next_token", "choosing the next token", sampler_cases, call_sampler),
     ("sampling.generate", "generating text", generate_cases, call_generate),
-    ("sampling.beam_search", "beam search", beam_cases, call_beam_search),
+    ("sampling.beam_search", "beam search", beam_cases, lambda fn, c: fn(*c.args[:4], **c.args[4])),
 ]:
     register(Check(check_id, title, make_cases, call, judge_case=judge_tokens))

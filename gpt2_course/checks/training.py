@@ -1,9 +1,4 @@
-"""Checks for next_token_loss, configure_optimizer and lr_at_step (notebook 06).
-
-The expected values are PyTorch's own `cross_entropy` on shifted tokens, the weight
-decay rule applied to every parameter of a small model, and the warmup and cosine
-formulas written out for each step. Every case but the two on real text is seeded.
-"""
+"""Checks for next_token_loss, configure_optimizer and lr_at_step (notebook 06)."""
 
 import math
 from typing import Any
@@ -13,22 +8,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gpt2_course import parts
+from gpt2_course.checks import reference_data as data
 from gpt2_course.checks.core import Case, CheckSetupError, Outcome, call_function, compare
-from gpt2_course.checks.reference_data import (
-    GPT2_SMALL,
-    batch_run,
-    batch_tokens,
-    generator,
-    randn,
-    text_run,
-    text_tokens,
-)
 from gpt2_course.checks.registry import Check, register
 from gpt2_course.config import TransformerConfig
-
-# ------------------------------------------------------------------ next_token_loss
-
-LOSS_TOLERANCE = 1e-4, 1e-5  # atol, rtol: for a loss near 10, float32 rounding is ~1e-6 of it
 
 
 def loss_cases() -> list[Case]:
@@ -37,20 +20,21 @@ def loss_cases() -> list[Case]:
     def add(name: str, logits: Tensor, tokens: Tensor, seeded: bool) -> None:
         logits, tokens = logits.detach().clone(), tokens.detach().clone()
         expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
-        cases.append(Case(name, (logits, tokens), None, None, expected, *LOSS_TOLERANCE, seeded))
+        # atol, rtol: for a loss near 10, float32 rounding is ~1e-6 of it
+        cases.append(Case(name, (logits, tokens), None, None, expected, 1e-4, 1e-5, seeded))
 
-    add("reference logits on real text", text_run()[0], text_tokens(), False)
-    add("reference logits on a batch of 3 texts", batch_run()[0], batch_tokens(), False)
+    add("reference logits on real text", data.text_run()[0], data.text_tokens(), False)
+    add("reference logits on a batch of 3 texts", data.batch_run()[0], data.batch_tokens(), False)
     # Random logits far from uniform make every wrong pairing of logits and targets
     # visibly wrong; the shapes vary so that batch and position cannot be confused.
     for batch, pos, d_vocab, scale, seed in [
-        (2, 7, GPT2_SMALL.d_vocab, 4.0, 51),
-        (5, 3, GPT2_SMALL.d_vocab, 8.0, 52),
+        (2, 7, data.GPT2_SMALL.d_vocab, 4.0, 51),
+        (5, 3, data.GPT2_SMALL.d_vocab, 8.0, 52),
         (1, 2, 97, 3.0, 53),
         (6, 11, 13, 2.0, 54),
     ]:
-        logits = randn(batch, pos, d_vocab, seed=seed, scale=scale)
-        tokens = torch.randint(0, d_vocab, (batch, pos), generator=generator(seed + 100))
+        logits = data.randn(batch, pos, d_vocab, seed=seed, scale=scale)
+        tokens = torch.randint(0, d_vocab, (batch, pos), generator=data.generator(seed + 100))
         add(f"random logits [{batch}, {pos}, {d_vocab}], scale {scale:g}", logits, tokens, True)
     return cases
 
@@ -64,11 +48,9 @@ register(
     )
 )
 
-# ------------------------------------------------------------------ configure_optimizer
-
 BETAS = (0.9, 0.95)
-# A small GPT with every kind of parameter: 3-d attention weights, 2-d embeddings and
-# MLP weights, 1-d biases and LayerNorm scales and shifts.
+# every kind of parameter: 3-d attention weights, 2-d embeddings and MLP weights, 1-d biases
+# and LayerNorm scales and shifts
 EVERY_KIND_OF_PARAMETER = TransformerConfig(
     d_model=16, n_layers=2, n_heads=2, d_head=8, d_mlp=32, n_ctx=8, d_vocab=50
 )
@@ -100,9 +82,7 @@ def call_optimizer(configure: Any, case: Case) -> Tensor:
     optimizer = configure(model, *case.args)
     if not isinstance(optimizer, torch.optim.AdamW):
         kind = f"{type(optimizer).__module__}.{type(optimizer).__name__}"
-        raise CheckSetupError(
-            f"configure_optimizer returned a {kind}, expected a torch.optim.AdamW"
-        )
+        raise CheckSetupError(f"configure_optimizer returned a {kind}, expected torch.optim.AdamW")
     settings: dict[int, list[list[float]]] = {}
     for group in optimizer.param_groups:
         row = [float(v) for v in (group["weight_decay"], group["lr"], *group["betas"])]
@@ -114,8 +94,7 @@ def call_optimizer(configure: Any, case: Case) -> Tensor:
 
 
 def wrong_cells(outcome: Outcome, case: Case) -> tuple[str | None, list[list[int]]]:
-    """`compare`'s verdict on a table, and the [row, column] of each value outside the
-    tolerance (none when the table is not even of the right shape)."""
+    """`compare`'s verdict on a table, and the [row, column] of each value out of tolerance."""
     actual, expected = outcome.output, case.expected
     problem = compare(actual, expected, case.atol, case.rtol)
     if problem is None or not isinstance(actual, Tensor) or actual.shape != expected.shape:
@@ -147,8 +126,6 @@ register(
         judge_case=judge_optimizer,
     )
 )
-
-# ------------------------------------------------------------------ lr_at_step
 
 
 def schedule(step: int, max_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
@@ -198,8 +175,7 @@ def judge_schedule(outcome: Outcome, case: Case) -> str | None:
     if not wrong:
         return problem
     rows, expected = sorted({i for i, _ in wrong}), case.expected
-    shown = ", ".join(str(int(expected[i, 0])) for i in rows[:6])
-    steps = shown + (", ..." if len(rows) > 6 else "")
+    steps = ", ".join(str(int(expected[i, 0])) for i in rows[:6]) + ", ..." * (len(rows) > 6)
     i = rows[0]
     return (
         f"at step {int(expected[i, 0])} your lr is {outcome.output[i, 1].item():.6g}, expected "

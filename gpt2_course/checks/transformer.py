@@ -1,10 +1,4 @@
-"""Checks for Transformer and load_gpt2_weights (notebook 05).
-
-Only the wiring of the learner's Transformer is under test: the check builds it with the
-reference sub-parts and loads GPT-2's weights with the reference load_gpt2_weights. The
-learner's load_gpt2_weights must fill a reference Transformer, every parameter NaN at first,
-with exactly the expected weights.
-"""
+"""Checks for Transformer (its forward's wiring only) and load_gpt2_weights (notebook 05)."""
 
 import math
 import re
@@ -16,23 +10,9 @@ import torch
 from torch import Tensor, nn
 
 from gpt2_course import parts
-from gpt2_course.checks.core import (
-    Case,
-    CheckSetupError,
-    Observation,
-    Outcome,
-    build_cached,
-    compare,
-)
-from gpt2_course.checks.reference_data import (
-    GPT2_SMALL,
-    batch_run,
-    batch_tokens,
-    generator,
-    randn,
-    text_run,
-    text_tokens,
-)
+from gpt2_course.checks import core
+from gpt2_course.checks import reference_data as data
+from gpt2_course.checks.core import Case, CheckSetupError, Observation, Outcome, compare
 from gpt2_course.checks.registry import Check, register
 from gpt2_course.config import TransformerConfig, hf_config
 from gpt2_course.reference import get_reference
@@ -42,21 +22,13 @@ from gpt2_course.reference_parts.transformer import Transformer, gpt2_weights, l
 SEEDED_GPT2 = TransformerConfig(
     d_model=64, d_vocab=300, n_ctx=32, d_head=16, n_heads=4, d_mlp=256, n_layers=3
 )
-LAYERS = range(GPT2_SMALL.n_layers)
-ISOLATION_NOTE = (
-    "\n  (The check builds your Transformer with the reference embeddings, LayerNorm and blocks "
-    "and loads GPT-2's weights with the reference load_gpt2_weights, so only your forward's "
-    "wiring is tested.)"
-)
+LAYERS = range(data.GPT2_SMALL.n_layers)
 
 
 @cache
 def seeded_gpt2() -> tuple[nn.Module, dict[str, Tensor]]:
-    """Hugging Face's GPT-2 at SEEDED_GPT2's size, every weight seeded noise.
-
-    Random-weight GPT-2 small has w = 1 and b = 0 in every LayerNorm and zero biases,
-    so a mistake that swaps or skips those would pass on it; here nothing is neutral.
-    """
+    """Hugging Face's GPT-2 at SEEDED_GPT2's size, every weight seeded noise: random-init GPT-2
+    has w = 1, b = 0 in every LayerNorm and zero biases, so mistakes there would pass on it."""
     from transformers import GPT2LMHeadModel
 
     # GPT-2's 50256 is outside this vocabulary
@@ -67,16 +39,13 @@ def seeded_gpt2() -> tuple[nn.Module, dict[str, Tensor]]:
     with torch.no_grad():
         for seed, (name, param) in enumerate(model.named_parameters(), start=300):
             shift = 1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0
-            param.copy_(randn(*param.shape, seed=seed, scale=0.3, shift=shift))
+            param.copy_(data.randn(*param.shape, seed=seed, scale=0.3, shift=shift))
     return model, {name: t.detach().clone() for name, t in model.state_dict().items()}
-
-
-# ------------------------------------------------------------------ Transformer
 
 
 def transformer_cases() -> list[Case]:
     model, sd = seeded_gpt2()
-    tokens = torch.randint(0, SEEDED_GPT2.d_vocab, (2, 11), generator=generator(51))
+    tokens = torch.randint(0, SEEDED_GPT2.d_vocab, (2, 11), generator=data.generator(51))
     ln_f_input: list[Tensor] = []
     hook = model.transformer.ln_f.register_forward_pre_hook(lambda _, a: ln_f_input.append(a[0]))
     with torch.no_grad():
@@ -89,13 +58,12 @@ def transformer_cases() -> list[Case]:
     cases = [Case(name, (tokens,), sd, SEEDED_GPT2, Observation(out.logits, inside), seeded=True)]
     gpt2 = get_reference().hf_state_dict
     for name, tokens, (logits, acts) in [
-        ("real text", text_tokens(), text_run()),
-        ("batch of 3 texts", batch_tokens(), batch_run()),
+        ("real text", data.text_tokens(), data.text_run()),
+        ("batch of 3 texts", data.batch_tokens(), data.batch_run()),
     ]:
         inside = {f"blocks.{i}": acts[f"blocks.{i}.hook_resid_pre"] for i in LAYERS}
-        inside["ln_final"] = acts["ln_final.hook_in"]  # the last block's output
-        inside["unembed"] = acts["ln_final.hook_out"]
-        cases.append(Case(name, (tokens,), gpt2, GPT2_SMALL, Observation(logits, inside)))
+        inside |= {"ln_final": acts["ln_final.hook_in"], "unembed": acts["ln_final.hook_out"]}
+        cases.append(Case(name, (tokens,), gpt2, data.GPT2_SMALL, Observation(logits, inside)))
     return cases
 
 
@@ -103,19 +71,16 @@ _BUILT: dict = {}  # the one model call_transformer keeps
 
 
 def call_transformer(cls: Any, case: Case) -> Observation:
-    """Build `cls` with reference sub-parts, load the case's weights, run `cls.forward`.
-
-    GPT-2 small costs a second or more to build, so a model is built by the class
-    whose __init__ `cls` uses: the known mistakes (subclasses that only override
-    `forward`) all run on one reference-built model. Forward pre-hooks record what
-    each block, ln_final and unembed receive, and the order the blocks run in.
-    """
+    """Build `cls` with reference sub-parts, load the case's weights, run `cls.forward`; hooks
+    record what each block, ln_final and unembed receive, and the order the blocks run in.
+    GPT-2 small costs a second or more to build, so the model is built by the class whose
+    __init__ `cls` uses: the known mistakes (which override only `forward`) share one."""
     what = getattr(cls, "__name__", "your Transformer")
     if not isinstance(cls, type):
         raise CheckSetupError(f"{what} must be a class (a torch.nn.Module subclass)")
     owner = next(c for c in cls.__mro__ if "__init__" in c.__dict__)
     with parts.using(parts.REFERENCE):
-        module = build_cached(_BUILT, owner, case.cfg, unfilled=True)
+        module = core.build_cached(_BUILT, owner, case.cfg, unfilled=True)
     try:
         load_gpt2_weights(module, case.params)
     except Exception as error:
@@ -145,7 +110,11 @@ def judge_logits(outcome: Outcome, case: Case) -> str | None:
     problem = compare(outcome.output, case.expected.output, case.atol, case.rtol)
     if problem is None:
         return None
-    return problem + where(outcome.probes, case) + ISOLATION_NOTE
+    return (
+        f"{problem}\n  Where: {where(outcome.probes, case)}\n  (The check builds your Transformer "
+        "with the reference embeddings, LayerNorm and blocks and loads GPT-2's weights with the "
+        "reference load_gpt2_weights, so only your forward's wiring is tested.)"
+    )
 
 
 def where(seen: dict[str, Any], case: Case) -> str:
@@ -157,30 +126,30 @@ def where(seen: dict[str, Any], case: Case) -> str:
 
     order = seen.get("block order", [])
     if not order:
-        return "\n  Where: your forward never calls the blocks."
+        return "your forward never calls the blocks."
     if order != list(range(n_layers)):
         shown = ", ".join(map(str, order[:8])) + (", ..." if len(order) > 8 else "")
         return (
-            f"\n  Where: your forward calls the blocks in the order {shown}; run each of the "
+            f"your forward calls the blocks in the order {shown}; run each of the "
             f"{n_layers} blocks once, in order: blocks[0], blocks[1], ..., blocks[{n_layers - 1}]."
         )
     if not same("blocks.0"):
         return (
-            "\n  Where: what blocks[0] receives is not embed(tokens) + pos_embed(tokens): "
+            "what blocks[0] receives is not embed(tokens) + pos_embed(tokens): "
             "the residual stream starts as the sum of the two embeddings."
         )
     for i in range(1, n_layers):
         if not same(f"blocks.{i}"):
             return (
-                f"\n  Where: blocks[0] receives the right input, but blocks[{i}] does not receive "
+                f"blocks[0] receives the right input, but blocks[{i}] does not receive "
                 f"blocks[{i - 1}]'s output: each block reads what the previous one returned."
             )
     for name, source in [("ln_final", "the last block's output"), ("unembed", "ln_final's output")]:
         if name not in seen:
-            return f"\n  Where: your forward never calls self.{name}."
+            return f"your forward never calls self.{name}."
         if not same(name):
-            return f"\n  Where: self.{name} does not receive {source}."
-    return "\n  Where: everything up to the unembedding matches: look at what your forward returns."
+            return f"self.{name} does not receive {source}."
+    return "everything up to the unembedding matches: look at what your forward returns."
 
 
 register(
@@ -192,8 +161,6 @@ register(
         judge_case=judge_logits,
     )
 )
-
-# ------------------------------------------------------------------ load_gpt2_weights
 
 # A block's weights by the course's names, in the order a failure lists them.
 PER_BLOCK = [f"ln{i}.{p}" for i in (1, 2) for p in "wb"]
@@ -215,7 +182,7 @@ def load_cases() -> list[Case]:
     gpt2 = (get_reference().hf_state_dict,)
     return [
         Case(small_name, (small,), None, SEEDED_GPT2, gpt2_weights(small, SEEDED_GPT2), 0, 0, True),
-        Case("GPT-2 small (the reference's weights)", gpt2, None, GPT2_SMALL, weights, 0, 0),
+        Case("GPT-2 small (the reference's weights)", gpt2, None, data.GPT2_SMALL, weights, 0, 0),
     ]
 
 
@@ -272,10 +239,7 @@ def judge_weights(outcome: Outcome, case: Case) -> str | None:
     if not isinstance(got, Tensor):
         problem = f"the model has no parameter {first} after your function ran"
     elif got.shape == want.shape and got.isnan().all() and not want.isnan().any():
-        problem = (
-            f"your function did not set {first} (it still holds the NaN the check filled the "
-            "model with)"
-        )
+        problem = f"your function did not set {first} (all of it is still the check's NaN)"
     elif got.shape == want.shape and got.isnan().any() and not want.isnan().any():
         count = f"{int(got.isnan().sum())} of {got.numel()}"
         problem = f"your function set only part of {first} ({count} values are still NaN)"
