@@ -72,12 +72,13 @@ def _directions(n: int, seed: int) -> Tensor:
     return (signs.double() * 2 - 1) / math.sqrt(max(n, 1))
 
 
-def _finite(value: Tensor) -> tuple[Tensor, str]:
-    """The values flat in float64 with NaN and inf at 0, and a hash of where those were."""
+def _finite(value: Tensor) -> tuple[Tensor, Tensor, str]:
+    """The values flat in float64 with NaN and inf at 0, where they are finite, and a hash
+    of the others and their places."""
     flat = value.detach().reshape(-1).cpu().double()
     finite = torch.isfinite(flat)
     where = _digest([flat[~finite].tolist(), (~finite).nonzero().reshape(-1).tolist()])
-    return torch.where(finite, flat, torch.zeros_like(flat)), where
+    return torch.where(finite, flat, torch.zeros_like(flat)), finite, where
 
 
 def _tensor_print(value: Tensor, reference: Any, case: Case, seed: int) -> dict:
@@ -85,8 +86,7 @@ def _tensor_print(value: Tensor, reference: Any, case: Case, seed: int) -> dict:
     if not value.is_floating_point():
         out["hash"] = _digest(value.reshape(-1).tolist())
         return out
-    clean, out["nonfinite"] = _finite(value)
-    finite = torch.isfinite(value.detach().reshape(-1).cpu())
+    clean, finite, out["nonfinite"] = _finite(value)
     spots: list[int] = []
     if (
         isinstance(reference, Tensor)
@@ -147,7 +147,7 @@ def _leaf_matches(value: Any, stored: dict, case: Case, seed: int) -> bool:
         if "hash" in stored:
             flat = value.reshape(-1).tolist()
             return not value.is_floating_point() and _digest(flat) == stored["hash"]
-        clean, nonfinite = _finite(value)
+        clean, _, nonfinite = _finite(value)
         if nonfinite != stored["nonfinite"]:
             return False
         for spot, expected in stored["spots"]:
