@@ -19,7 +19,9 @@ def _on_grid(t: torch.Tensor, steps: int) -> bool:
 
 def test_random_unembedding_cases_are_exact_in_float32():
     cases = [
-        c for c in get_check("embeddings.Unembedding").cases if c.name.startswith("random W_U")
+        c
+        for c in get_check("embeddings.Unembedding").cases
+        if c.name.startswith("random W_U") and not c.backward  # not its gradient twin
     ]
     assert len(cases) == 2
     for case in cases:

@@ -7,11 +7,12 @@ parameters, broken files.
 
 import textwrap
 
+import pytest
 import torch
 from torch import nn
 
 from gpt2_course.checks import get_check, judge_implementation, run_check
-from gpt2_course.checks.core import compare
+from gpt2_course.checks.core import compare, describe_exception
 from gpt2_course.grading import load_submission_package
 from solutions.layernorm import LayerNorm
 
@@ -163,3 +164,27 @@ def test_top_p_at_p_one_is_named_in_the_feedback():
     assert not verdict.passed
     assert "case 'p=1 on peaked rows at GPT-2's vocabulary size" in verdict.feedback
     assert "p_one_rounding" in verdict.mistakes
+
+
+def test_an_error_inside_a_lent_solution_part_points_at_the_learners_line(tmp_path):
+    learner = tmp_path / "my_block.py"
+    learner.write_text(
+        textwrap.dedent(
+            """\
+            import torch
+            from solutions.layernorm import LayerNorm
+
+            def forward(cfg):
+                return LayerNorm(cfg)(torch.zeros(2, 3, 5))  # wrong width
+            """
+        )
+    )
+    namespace: dict = {}
+    exec(compile(learner.read_text(), str(learner), "exec"), namespace)
+    from gpt2_course.config import TransformerConfig
+
+    with pytest.raises(Exception) as caught:
+        namespace["forward"](TransformerConfig(d_model=8, n_heads=2, d_head=4, d_mlp=16))
+    where = describe_exception(caught.value)
+    assert "my_block.py, line 5" in where
+    assert "solutions/" not in where and "inside the reference solution" in where

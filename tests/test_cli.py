@@ -1,6 +1,5 @@
 """`gpt2-course check` and `gpt2-course progress` from a terminal."""
 
-
 from gpt2_course import cli
 
 

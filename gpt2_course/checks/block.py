@@ -14,7 +14,15 @@ from torch import Tensor, nn
 
 from gpt2_course import parts
 from gpt2_course.checks import attention
-from gpt2_course.checks.core import Case, Observation, Outcome, build_cached, compare, load_params
+from gpt2_course.checks.core import (
+    Case,
+    Observation,
+    Outcome,
+    build_cached,
+    compare,
+    load_params,
+    named_parameters,
+)
 from gpt2_course.checks.reference_data import GPT2_SMALL, randn
 from gpt2_course.checks.registry import Check, register
 from gpt2_course.config import TransformerConfig
@@ -61,10 +69,11 @@ def call_block() -> Callable[[Any, Case], Observation]:
             probes.setdefault(LN2_INPUT, x.detach().clone())
 
         ln2 = getattr(module.eval(), "ln2", None)
+        parameters = named_parameters(module, case)
         if not isinstance(ln2, nn.Module):
-            return Observation(module(*case.args))
+            return Observation(module(*case.args), {}, parameters)
         with ln2.register_forward_pre_hook(record, with_kwargs=True):  # removed on leaving
-            return Observation(module(*case.args), probes)
+            return Observation(module(*case.args), probes, parameters)
 
     return call
 
@@ -124,5 +133,6 @@ register(
         block_cases,
         call_block(),
         judge_case=judge_block,
+        backward=True,
     )
 )

@@ -11,12 +11,15 @@ different processes:
   for the common mistake that explains it.
 """
 
+import importlib.util
+import os
 import re
 import sysconfig
 import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,6 +51,10 @@ class Case:
     # Made from seeded numbers alone, not from the reference's weights: the same in
     # every weights mode, so a release can diagnose on it from stored fingerprints.
     seeded: bool = False
+    # Also take the gradients of a seeded scalar of the output (see `gradients`), and
+    # compare them with `expected_grads` (judge side only, like `expected`).
+    backward: bool = False
+    expected_grads: dict[str, Tensor | None] | None = None
 
 
 @dataclass
@@ -57,6 +64,8 @@ class Observation:
 
     output: Any = None
     probes: dict[str, Any] = field(default_factory=dict)
+    # the parameters, by name, whose gradients a backward case takes (with the inputs')
+    parameters: dict[str, Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,34 +108,54 @@ class CheckSetupError(Exception):
 
 def _course_internal(filename: str) -> bool:
     """Frames that are not the learner's: libraries, the standard library and the
-    course's own machinery (everything in gpt2_course/ except the exercises)."""
-    path = filename.replace("\\", "/")
+    course's own code (everything in gpt2_course/ except the exercises, and the reference
+    solutions, which a learner's code reaches through a lent part)."""
+    path = _path(filename)
     if path.startswith("<") or "/site-packages/" in path or "/dist-packages/" in path:
         return True
-    if path.startswith(_STDLIB):
+    if path.startswith(_STDLIB) or (_SOLUTIONS is not None and path.startswith(_SOLUTIONS)):
         return True
     return "/gpt2_course/" in path and "/gpt2_course/exercises/" not in path
 
 
+def _path(filename: str) -> str:
+    """A frame's file as an absolute path with forward slashes ("<...>" names kept)."""
+    path = filename if filename.startswith("<") else os.path.abspath(filename)
+    return path.replace("\\", "/")
+
+
+def _solutions_folder() -> str | None:
+    spec = importlib.util.find_spec("solutions")  # None in a learner's release
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return str(Path(locations[0]).resolve()).replace("\\", "/") + "/" if locations else None
+
+
 _STDLIB = sysconfig.get_paths()["stdlib"].replace("\\", "/")
+_SOLUTIONS = _solutions_folder()
 
 
 def describe_exception(error: BaseException) -> str:
     """One or two lines: the error, and the learner's own line that led to it.
 
     That is the deepest frame in the learner's files (an einops error is reported
-    where the learner called einops, not inside einops); with no such frame, the
-    deepest frame outside the checks.
+    where the learner called einops, not inside einops, and one inside a lent part
+    where the learner called the part); with no such frame (the solutions checked
+    themselves), the deepest frame in the solutions, else the deepest outside the checks.
     """
     frames = traceback.extract_tb(error.__traceback__)
-    mine = [f for f in frames if not _course_internal(f.filename)] or [
-        f for f in frames if "/gpt2_course/checks/" not in f.filename.replace("\\", "/")
-    ]
+    mine = (
+        [f for f in frames if not _course_internal(f.filename)]
+        or [f for f in frames if _SOLUTIONS and _path(f.filename).startswith(_SOLUTIONS)]
+        or [f for f in frames if "/gpt2_course/checks/" not in _path(f.filename)]
+    )
     where = ""
     if mine:
         frame = mine[-1]
         short = "/".join(frame.filename.replace("\\", "/").split("/")[-3:])
         where = f"\n  raised at {short}, line {frame.lineno}: {(frame.line or '').strip()}"
+        deeper = frames[frames.index(frame) + 1 :]
+        if _SOLUTIONS and any(_path(f.filename).startswith(_SOLUTIONS) for f in deeper):
+            where += "\n  (inside the reference solution your code called there)"
     message = str(error).strip() or "(no message)"
     return f"{type(error).__name__}: {message}{where}"
 
@@ -188,16 +217,18 @@ def run_cases(
     stops = (Exception, SystemExit, KeyboardInterrupt) if catch_exits else Exception
     outcomes = []
     for case in cases:
-        args = tuple(a.clone() if isinstance(a, Tensor) else a for a in case.args)
-        run_case = Case(case.name, args, case.params, case.cfg)  # no expected: not for the run side
+        args = tuple(_input(a, case.backward) for a in case.args)
+        # no expected values: they are not for the run side
+        run_case = Case(case.name, args, case.params, case.cfg, backward=case.backward)
         before = _snapshot(args)
         start = time.perf_counter()
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(case.backward):
                 seen = call(implementation, run_case)
-            if not isinstance(seen, Observation):
-                seen = Observation(seen)
-            probes = {name: _detached(value) for name, value in seen.probes.items()}
+                if not isinstance(seen, Observation):
+                    seen = Observation(seen)
+                probes = gradients(seen, args) if case.backward else {}
+            probes |= {name: _detached(value) for name, value in seen.probes.items()}
             outcome = Outcome(output=_detached(seen.output), probes=probes)
         except NotImplementedError as error:
             outcome = Outcome(error=describe_exception(error), not_implemented=True)
@@ -211,6 +242,57 @@ def run_cases(
         if outcome.not_implemented:
             break  # no point trying the other cases
     return outcomes
+
+
+def _input(arg: Any, backward: bool) -> Any:
+    """The learner's own copy of an input; a float tensor that a backward case differentiates."""
+    if not isinstance(arg, Tensor):
+        return arg
+    copy = arg.detach().clone()
+    return copy.requires_grad_() if backward and copy.is_floating_point() else copy
+
+
+GRADIENT = "gradient of "  # the probes of a backward case: "gradient of W_Q", ...
+
+
+def output_weights(shape: torch.Size) -> Tensor:
+    """Fixed weights in [-1, 1) for the scalar sum(output * weights) whose gradients a
+    backward case takes: every output element counts, each differently."""
+    g = torch.Generator().manual_seed(1729 + sum(shape))
+    return torch.rand(shape, generator=g, dtype=torch.float64) * 2 - 1
+
+
+def gradients(seen: Observation, args: tuple) -> dict[str, Tensor | None]:
+    """The gradients of sum(output * output_weights) with respect to every float input
+    and every parameter the call named; None where no gradient reaches (e.g. an output
+    `.detach()`ed, or a parameter with requires_grad=False)."""
+    inputs = [a for a in args if isinstance(a, Tensor) and a.requires_grad]
+    wrt = {_input_name(i, len(inputs)): a for i, a in enumerate(inputs)} | seen.parameters
+    output = seen.output
+    if not isinstance(output, Tensor) or not output.is_floating_point():
+        return {}  # the judge reports the output itself
+    reached = [name for name, t in wrt.items() if t.requires_grad and output.requires_grad]
+    grads: dict[str, Tensor | None] = dict.fromkeys(wrt)
+    if reached:
+        scalar = (output * output_weights(output.shape).to(output)).sum()
+        found = torch.autograd.grad(scalar, [wrt[n] for n in reached], allow_unused=True)
+        grads |= {
+            n: None if g is None else g.detach().clone()
+            for n, g in zip(reached, found, strict=True)
+        }
+    return {GRADIENT + name: g for name, g in grads.items()}
+
+
+def _input_name(i: int, n: int) -> str:
+    return "the input" if n == 1 else f"float input {i + 1}"
+
+
+def named_parameters(module: nn.Module, case: Case) -> dict[str, Tensor]:
+    """The parameters whose gradients a backward case compares: those it loaded."""
+    if not case.backward:
+        return {}
+    own = dict(module.named_parameters())
+    return {name: own[name] for name in (case.params or own) if name in own}
 
 
 def build_cached(cache: dict, cls: Any, cfg: Any, unfilled: bool = False) -> nn.Module:
@@ -267,7 +349,7 @@ def call_module(forward: str = "forward") -> Callable[[Any, Case], Any]:
         module = build_cached(built, cls, case.cfg)
         load_params(module, case.params or {}, getattr(cls, "__name__", "your module"))
         module.eval()
-        return getattr(module, forward)(*case.args)
+        return Observation(getattr(module, forward)(*case.args), {}, named_parameters(module, case))
 
     return call
 
@@ -371,6 +453,52 @@ def _same_value(a: Any, b: Any, atol: float, rtol: float) -> bool:
 def judge_output(outcome: Outcome, case: Case) -> str | None:
     """The default judge: the output against the case's expected tensor."""
     return compare(outcome.output, case.expected, case.atol, case.rtol)
+
+
+# Gradients are compared relative to their largest value: float32 rounding in a backward
+# pass through GPT-2-sized sums stays below 1e-5 of it, while every gradient-blocking
+# mistake moves some gradient by all of its size.
+GRAD_ATOL, GRAD_RTOL = 1e-4, 1e-3
+NO_GRADIENT = (
+    "Something cuts the autograd graph: a `.detach()`, `.data`, `.item()`, `.tolist()` or "
+    "`.numpy()`, a `torch.no_grad()` block, or a new tensor built from values "
+    "(`torch.tensor(...)`). The forward pass is right, but training could not learn through it"
+)
+
+
+def judge_gradients(outcome: Outcome, case: Case) -> str | None:
+    """A backward case's gradients against the reference's (None when they match)."""
+    expected = case.expected_grads or {}
+    missing = [
+        n for n, g in expected.items() if g is not None and outcome.probes.get(GRADIENT + n) is None
+    ]
+    if missing and len(missing) == sum(g is not None for g in expected.values()):
+        return f"no gradient flows back through your code at all. {NO_GRADIENT}."
+    if missing:
+        names = ", ".join(map(_quoted, missing[:6])) + (", ..." if len(missing) > 6 else "")
+        them = "them" if len(missing) > 1 else "it"
+        return f"no gradient reaches {names}, so training would never change {them}. {NO_GRADIENT}."
+    # a gradient that should be ~0 (b_K's: softmax ignores a shift shared by a row) is
+    # judged on the scale of the case's largest gradient
+    scale = max((float(g.abs().max()) for g in expected.values() if g is not None), default=0.0)
+    atol = GRAD_ATOL * max(scale, 1e-12)
+    for name, wanted in expected.items():
+        if wanted is None:
+            continue
+        problem = compare(outcome.probes[GRADIENT + name], wanted, atol, GRAD_RTOL)
+        if problem is not None:
+            return (
+                "the forward pass is right, but the gradient with respect to "
+                f"{_quoted(name)} is not the reference's "
+                f"({problem.replace('output', 'gradient')}). Part of the "
+                "computation is probably cut from the autograd graph (`.detach()`, `.data`) "
+                "or computed from a detached copy"
+            )
+    return None
+
+
+def _quoted(name: str) -> str:
+    return name if name.startswith(("the input", "float input")) else f"`{name}`"
 
 
 def same_behaviour(

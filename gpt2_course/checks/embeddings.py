@@ -105,4 +105,4 @@ for check_id, title, make_cases in [
     ("embeddings.PositionalEmbedding", "learned positional embedding", positional_cases),
     ("embeddings.Unembedding", "unembedding to logits", unembedding_cases),
 ]:
-    register(Check(check_id, title, make_cases, call_module()))
+    register(Check(check_id, title, make_cases, call_module(), backward=True))

@@ -103,6 +103,15 @@ def mlp_cases() -> list[Case]:
 
 
 register(
-    Check("mlp.gelu_new", "GPT-2's tanh GELU", gelu_cases, call_function, same=same_or_both_nan)
+    Check(
+        "mlp.gelu_new",
+        "GPT-2's tanh GELU",
+        gelu_cases,
+        call_function,
+        same=same_or_both_nan,
+        backward=True,
+    )
 )
-register(Check("mlp.MLP", "the MLP (feed-forward) sublayer", mlp_cases, call_module()))
+register(
+    Check("mlp.MLP", "the MLP (feed-forward) sublayer", mlp_cases, call_module(), backward=True)
+)

@@ -10,17 +10,22 @@ reduced to a few numbers, and the diagnosis compares those instead of rerunning.
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
+from gpt2_course import parts
 from gpt2_course.checks import fingerprints
 from gpt2_course.checks.core import (
+    GRADIENT,
     Case,
     Mistake,
     Outcome,
     Verdict,
+    judge_gradients,
     judge_output,
     run_cases,
     same_behaviour,
@@ -30,6 +35,7 @@ from gpt2_course.checks.core import (
 # The modules of gpt2_course.checks that define checks, in course order; a module
 # is imported only where its file exists.
 CHECK_MODULES = [
+    "bpe",
     "embeddings",
     "layernorm",
     "attention",
@@ -39,6 +45,7 @@ CHECK_MODULES = [
     "training",
     "sampling",
     "kv_cache",
+    "inside",
 ]
 HERE = Path(__file__).parent
 IN_PLACE = (
@@ -58,6 +65,9 @@ class Check:
     judge_case: Callable[[Outcome, Case], str | None] = judge_output
     # same behaviour: do two outcomes on a case agree (yours and a known mistake's)
     same: Callable[[Outcome, Outcome, Case], bool] = same_output
+    # also check the backward pass (for the parts a model trains through), on a twin of
+    # a seeded case: gradients against the reference part's
+    backward: bool = False
 
     @property
     def component(self) -> str:
@@ -70,7 +80,23 @@ class Check:
 
     @cached_property
     def cases(self) -> list[Case]:
-        return self.make_cases()
+        cases = self.make_cases()
+        if self.backward:  # the cheapest seeded case: any case shows a cut graph
+            cases.append(self._gradient_case(min((c for c in cases if c.seeded), key=_size)))
+        return cases
+
+    def _gradient_case(self, case: Case) -> Case:
+        """`case` again, now also comparing gradients with the reference part's."""
+        twin = replace(case, name=f"{case.name}: gradients", backward=True)
+        right = run_cases(self.call, parts.reference_implementation(self.id), [twin])[0]
+        if right.error:
+            raise RuntimeError(f"the reference part failed on {twin.name!r}: {right.error}")
+        twin.expected_grads = {
+            name.removeprefix(GRADIENT): value
+            for name, value in right.probes.items()
+            if name.startswith(GRADIENT)
+        }
+        return twin
 
     @cached_property
     def mistakes(self) -> list[Mistake]:
@@ -88,9 +114,13 @@ class Check:
                 return Verdict(False, f"not implemented yet: {outcome.error}", True)
             if outcome.error:
                 problem = f"your code raised an error:\n  {outcome.error}"
+                if case.backward:
+                    problem += "\n  (This case runs your code with gradients on, as training does.)"
                 lead = "the same error comes from"
             else:
                 problem, lead = self.judge_case(outcome, case), "your output matches"
+                if problem is None and case.backward:
+                    problem = judge_gradients(outcome, case)
                 if problem is None and outcome.modified_args:
                     which = ", ".join(f"argument {j + 1}" for j in outcome.modified_args)
                     # right values, wrong manners: no mistake of the library explains it
@@ -155,6 +185,11 @@ class Check:
         return same_behaviour(outcomes[index], runs[key], case, self.same)
 
 
+def _size(case: Case) -> int:
+    tensors = [*case.args, *(case.params or {}).values()]
+    return sum(t.numel() for t in tensors if isinstance(t, Tensor))
+
+
 CHECKS: dict[str, Check] = {}
 
 
@@ -170,7 +205,8 @@ def mistake_table(check_id: str) -> list[Mistake]:
     module = check_id.split(".")[0]
     if (HERE / "mistakes" / f"{module}.py").is_file():
         library = importlib.import_module(f"gpt2_course.checks.mistakes.{module}")
-        return list(library.MISTAKES.get(check_id, []))
+        cuts = importlib.import_module("gpt2_course.checks.mistakes.gradients")  # graph cut
+        return [*library.MISTAKES.get(check_id, []), *cuts.MISTAKES.get(check_id, [])]
     return fingerprints.stored_mistakes(check_id)
 
 

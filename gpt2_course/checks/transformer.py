@@ -100,7 +100,9 @@ def call_transformer(cls: Any, case: Case) -> Observation:
         # the weights loaded, so every one of these submodules exists
         hooks.append(module.get_submodule(name).register_forward_pre_hook(record))
     try:
-        return Observation(cls.forward(module, *case.args), seen)
+        output = cls.forward(module, *case.args)
+        # every parameter: the case's weights are named as Hugging Face names them
+        return Observation(output, seen, dict(module.named_parameters()) if case.backward else {})
     finally:
         for hook in hooks:
             hook.remove()
@@ -158,6 +160,7 @@ register(
         "the whole model: logits on real text",
         transformer_cases,
         call_transformer,
+        backward=True,
         judge_case=judge_logits,
     )
 )

@@ -78,7 +78,10 @@ def _read_exactly(stream: IO[bytes], n: int) -> bytes | None:
 
 def run_side(cases: list[Case]) -> list[Case]:
     """The cases as the runner may see them: inputs and weights, never the expected values."""
-    return [Case(c.name, c.args, c.params, c.cfg, None, c.atol, c.rtol) for c in cases]
+    return [
+        Case(c.name, c.args, c.params, c.cfg, None, c.atol, c.rtol, backward=c.backward)
+        for c in cases
+    ]
 
 
 class _StorePickler(pickle.Pickler):
