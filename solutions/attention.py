@@ -8,6 +8,28 @@ from torch import Tensor, nn
 from gpt2_course.config import TransformerConfig
 
 
+def single_head_attention(
+    x: Float[Tensor, "pos d_model"],
+    W_Q: Float[Tensor, "d_model d_head"],
+    W_K: Float[Tensor, "d_model d_head"],
+    W_V: Float[Tensor, "d_model d_head"],
+    b_Q: Float[Tensor, "d_head"],
+    b_K: Float[Tensor, "d_head"],
+    b_V: Float[Tensor, "d_head"],
+    W_O: Float[Tensor, "d_head d_model"],
+) -> Float[Tensor, "pos d_model"]:
+    """What one causal attention head writes to the residual stream, for one sequence."""
+    q = einops.einsum(x, W_Q, "pos d_model, d_model d_head -> pos d_head") + b_Q
+    k = einops.einsum(x, W_K, "pos d_model, d_model d_head -> pos d_head") + b_K
+    v = einops.einsum(x, W_V, "pos d_model, d_model d_head -> pos d_head") + b_V
+    scores = einops.einsum(q, k, "q_pos d_head, k_pos d_head -> q_pos k_pos") / W_Q.shape[1] ** 0.5
+    n = scores.shape[0]
+    future = torch.triu(torch.ones(n, n, dtype=torch.bool, device=scores.device), diagonal=1)
+    pattern = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    z = einops.einsum(pattern, v, "q_pos k_pos, k_pos d_head -> q_pos d_head")
+    return einops.einsum(z, W_O, "pos d_head, d_head d_model -> pos d_model")
+
+
 class MultiHeadAttention(nn.Module):
     """Each head mixes information from earlier positions into the current one."""
 

@@ -15,11 +15,13 @@ from gpt2_course.checks import get_check, judge_implementation
 from gpt2_course.checks.attention import compare_mask
 from gpt2_course.checks.reference_data import GPT2_SMALL, randn, text_run
 from gpt2_course.reference import get_reference
-from solutions.attention import MultiHeadAttention
+from gpt2_course.reference_parts.layernorm import LayerNorm
+from solutions.attention import MultiHeadAttention, single_head_attention
 from solutions.block import TransformerBlock
 from solutions.mlp import MLP, gelu_new
 
 MY_CHECKS = [
+    "attention.single_head_attention",
     "attention.MultiHeadAttention.apply_causal_mask",
     "attention.MultiHeadAttention",
     "mlp.gelu_new",
@@ -94,6 +96,33 @@ def test_solutions_match_torch_on_a_small_model():
     )
 
 
+def test_one_head_at_a_time_adds_up_to_the_layer():
+    """single_head_attention is MultiHeadAttention's per-head term: summed, plus b_O, the same."""
+    cfg = get_check("attention.MultiHeadAttention").cases[-1].cfg
+    torch.manual_seed(1)
+    attn = MultiHeadAttention(cfg)
+    with torch.no_grad():
+        for b in (attn.b_Q, attn.b_K, attn.b_V, attn.b_O):
+            b.normal_()
+        x = torch.randn(1, 6, cfg.d_model)
+        heads = [
+            single_head_attention(
+                x[0],
+                *(getattr(attn, n)[h] for n in ("W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O")),
+            )
+            for h in range(cfg.n_heads)
+        ]
+        torch.testing.assert_close(sum(heads) + attn.b_O, attn(x)[0])
+
+
+def test_single_head_cases_reach_the_edges():
+    cases = get_check("attention.single_head_attention").cases
+    shapes = [(c.args[0].shape[0], c.args[1].shape) for c in cases if c.seeded]
+    assert any(pos == 1 for pos, _ in shapes)  # a single key: only projections and biases
+    assert any(w[1] % 2 == 1 for _, w in shapes)  # an odd d_head
+    assert shapes[0][1][0] == shapes[0][1][1]  # square first: a transposed W_O runs there
+
+
 # ------------------------------------------------------------------ what the checks catch
 
 
@@ -147,6 +176,63 @@ def test_nan_in_attention_output_is_reported_clearly():
     assert not verdict.passed
     assert "NaN" in verdict.feedback and "softmax" in verdict.feedback
     assert verdict.mistakes == []  # not mistaken for a known NaN mistake
+
+
+class AttentionMaskingInline(MultiHeadAttention):
+    """Right numbers, but the mask is written into forward instead of calling the method."""
+
+    def apply_causal_mask(self, scores):
+        raise AssertionError("never called")
+
+    def forward(self, x):
+        q, k, v = (
+            torch.einsum("bpm,hmd->bhpd", x, W) + b[:, None]
+            for W, b in ((self.W_Q, self.b_Q), (self.W_K, self.b_K), (self.W_V, self.b_V))
+        )
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.cfg.d_head)
+        future = torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1)
+        z = scores.masked_fill(future, float("-inf")).softmax(-1) @ v
+        return torch.einsum("bhpd,hdm->bpm", z, self.W_O) + self.b_O
+
+
+def test_attention_forward_must_call_apply_causal_mask():
+    verdict = judge_implementation(
+        get_check("attention.MultiHeadAttention"), AttentionMaskingInline
+    )
+    assert not verdict.passed
+    assert "does not call self.apply_causal_mask" in verdict.feedback
+    assert verdict.mistakes == ["mask_inline"]
+
+
+def layernorm_with_eps(eps: float) -> type:
+    """A learner's LayerNorm with `eps` written in instead of cfg.layer_norm_eps."""
+
+    def forward(self, x):
+        centred = x - x.mean(-1, keepdim=True)
+        return centred / (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt() * self.w + self.b
+
+    return type("LayerNormOwnEps", (LayerNorm,), {"forward": forward})
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-6, 1e-8, 1e-12])
+def test_layernorm_epsilon_written_in_is_named_so(eps):
+    """Not "epsilon outside the square root": an epsilon of its own (or next to none)."""
+    verdict = judge_implementation(get_check("layernorm.LayerNorm"), layernorm_with_eps(eps))
+    assert not verdict.passed
+    assert verdict.mistakes and set(verdict.mistakes) <= {"own_eps", "no_eps"}, verdict.feedback
+    if eps == 1e-5:  # GPT-2's own value: right everywhere but on the config with another eps
+        assert verdict.mistakes == ["own_eps"]
+        assert "layer_norm_eps=0.1" in verdict.feedback
+
+
+def test_layernorm_epsilon_and_axis_slips_are_named_as_themselves():
+    check = get_check("layernorm.LayerNorm")
+    mine = {"eps_outside_sqrt", "no_eps", "own_eps", "wrong_axis", "over_pos_and_d_model"}
+    mine |= {"over_batch", "over_whole_tensor", "over_batch_and_d_model", "over_batch_and_pos"}
+    for mistake in check.mistakes:
+        if mistake.name in mine:
+            verdict = judge_implementation(check, mistake.implementation)
+            assert verdict.mistakes == [mistake.name], (mistake.name, verdict.feedback)
 
 
 def test_attention_feedback_says_where_the_error_starts():

@@ -1,4 +1,4 @@
-"""Checks for the causal mask and MultiHeadAttention (notebook 03).
+"""Checks for one attention head, the causal mask and MultiHeadAttention (notebook 03).
 
 The reference's hooks (TransformerLens 4.3 bridge, verified in tests/test_attention_mlp_block.py):
 `attn.hook_q/k/v` are [batch, pos, n_heads, d_head], biases included; `attn.hook_attn_scores`
@@ -54,6 +54,76 @@ def real_scores(acts: dict[str, Tensor], layer: int) -> Tensor:
     """The reference's scaled scores before masking, from its queries and keys."""
     q, k = acts[f"blocks.{layer}.attn.hook_q"], acts[f"blocks.{layer}.attn.hook_k"]
     return torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+
+
+# --------------------------------------------------------------- single_head_attention
+
+# (name, pos, d_model, d_head, score scale, seed). The square one comes first: a W_O or W_Q
+# used transposed runs only where d_head == d_model, and the diagnosis starts at the first
+# seeded case that fails. d_head 5 is odd and not a divisor of d_model; pos 1 leaves a
+# single visible key, so only the projections and biases matter there.
+SINGLE_HEAD_CASES = [
+    ("square weights: d_model = d_head = 8, pos 6", 6, 8, 8, 1.0, 81),
+    ("pos 7, d_model 16, odd d_head 5", 7, 16, 5, 1.0, 82),
+    ("a single position (pos 1), d_head 3", 1, 12, 3, 1.0, 83),
+    ("pos 12, d_model 32, d_head 8, large scores", 12, 32, 8, 3.0, 84),
+]
+HEAD = 3  # the GPT-2 head of the real-text case
+
+
+def single_head_args(pos: int, d_model: int, d_head: int, scale: float, seed: int) -> tuple:
+    """x [pos, d_model], W_Q, W_K, W_V, b_Q, b_K, b_V, W_O: scores of about `scale`, biases
+    that matter (GPT-2's random initialisation has none)."""
+    w = 1.3 * math.sqrt(scale / d_model)
+    weights = [randn(d_model, d_head, seed=seed + i, scale=w) for i in (1, 2, 3)]
+    biases = [randn(d_head, seed=seed + i, scale=0.5) for i in (4, 5, 6)]
+    W_O = randn(d_head, d_model, seed=seed + 7, scale=1 / math.sqrt(d_head))
+    return (randn(pos, d_model, seed=seed), *weights, *biases, W_O)
+
+
+def single_head_cases() -> list[Case]:
+    cases = []
+    for name, pos, d_model, d_head, scale, seed in SINGLE_HEAD_CASES:
+        args = single_head_args(pos, d_model, d_head, scale, seed)
+        x, W_Q, W_K, W_V, b_Q, b_K, b_V, W_O = args
+        q, k, v = x @ W_Q + b_Q, x @ W_K + b_K, x @ W_V + b_V
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True) @ W_O  # torch's kernel
+        cases.append(Case(name, args, expected=expected, seeded=True))
+    # one of GPT-2's heads on real text: what the reference's hook_z holds for it, through W_O
+    _, acts = text_run()
+    attn = get_reference().bridge.blocks[0].attn
+    weights = [getattr(attn, n)[HEAD].detach().clone() for n in ("W_Q", "W_K", "W_V")]
+    biases = [getattr(attn, n)[HEAD].detach().clone() for n in ("b_Q", "b_K", "b_V")]
+    W_O = attn.W_O[HEAD].detach().clone()
+    x, z = acts["blocks.0.ln1.hook_out"][0], acts["blocks.0.attn.hook_z"][0, :, HEAD]
+    name = f"real text, blocks.0.attn head {HEAD} (d_model 768, d_head 64)"
+    cases.append(Case(name, (x, *weights, *biases, W_O), expected=z @ W_O))
+    return cases
+
+
+NAN_HINT = (
+    "\n  NaN after a softmax usually means a row of scores that are all -inf (every key "
+    "masked, e.g. the diagonal too), or 0 * inf from multiplying the scores by a mask."
+)
+
+
+def judge_single_head(outcome: Outcome, case: Case) -> str | None:
+    problem = compare(outcome.output, case.expected, case.atol, case.rtol)
+    if problem and isinstance(outcome.output, Tensor) and torch.isnan(outcome.output).any():
+        problem += NAN_HINT
+    return problem
+
+
+register(
+    Check(
+        "attention.single_head_attention",
+        "one causal attention head on one sequence",
+        single_head_cases,
+        core.call_function,
+        judge_case=judge_single_head,
+        backward=True,
+    )
+)
 
 
 # --------------------------------------------------------------- apply_causal_mask
@@ -184,20 +254,26 @@ def call_attention(cls: Any, case: Case) -> Observation:
 
         module.apply_causal_mask = recording_mask
     try:
-        return Observation(module(*case.args), probes)
+        return Observation(module(*case.args), probes, core.named_parameters(module, case))
     finally:
         module.__dict__.pop("apply_causal_mask", None)
+
+
+NO_MASK_CALL = (
+    "your forward does not call self.apply_causal_mask: the notebook asks forward to mask the "
+    "scaled scores by calling self.apply_causal_mask(scores), not with a mask of its own (the "
+    "attention pictures read the pattern through that method). Call self.apply_causal_mask on "
+    "the scores, then take the softmax of what it returns"
+)
 
 
 def judge_attention(outcome: Outcome, case: Case) -> str | None:
     problem = compare(outcome.output, case.expected.output, case.atol, case.rtol)
     if problem is None:
-        return None
+        # right numbers, but not the way the notebook requires
+        return None if MASK_INPUT in outcome.probes else NO_MASK_CALL
     if isinstance(outcome.output, Tensor) and torch.isnan(outcome.output).any():
-        problem += (
-            "\n  NaN after a softmax usually means a row of scores that are all -inf (every key "
-            "masked, e.g. the diagonal too), or 0 * inf from multiplying the scores by a mask."
-        )
+        problem += NAN_HINT
     scores, ref = outcome.probes.get(MASK_INPUT), case.expected.probes[MASK_INPUT]
     if scores is None:
         return problem + (
@@ -237,5 +313,6 @@ register(
         attention_cases,
         call_attention,
         judge_case=judge_attention,
+        backward=True,
     )
 )

@@ -1,8 +1,8 @@
-"""Notebook 03: causal multi-head self-attention.
+"""Notebook 03: causal self-attention, one head and then many.
 
-Fill in `apply_causal_mask`, then `forward`. Keep the class name and the
-parameter names and shapes: the checks load GPT-2's weights into your module
-by these names.
+Fill in `single_head_attention`, then `apply_causal_mask`, then `forward`.
+Keep the names and the parameter names and shapes: the checks load GPT-2's
+weights into your module by these names.
 """
 
 import einops  # noqa: F401  (you will want it)
@@ -11,6 +11,33 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from gpt2_course.config import TransformerConfig
+
+
+def single_head_attention(
+    x: Float[Tensor, "pos d_model"],
+    W_Q: Float[Tensor, "d_model d_head"],
+    W_K: Float[Tensor, "d_model d_head"],
+    W_V: Float[Tensor, "d_model d_head"],
+    b_Q: Float[Tensor, "d_head"],
+    b_K: Float[Tensor, "d_head"],
+    b_V: Float[Tensor, "d_head"],
+    W_O: Float[Tensor, "d_head d_model"],
+) -> Float[Tensor, "pos d_model"]:
+    """What one causal attention head writes to the residual stream, for one sequence.
+
+    1. q = x @ W_Q + b_Q, and the same for k and v: [pos, d_head] each.
+    2. scores[i, j] = q[i] . k[j] / sqrt(d_head): [query_pos, key_pos].
+    3. Hide the future: query i may see keys 0..i (itself included); set the
+       scores of keys j > i to -inf, before the softmax.
+    4. pattern = softmax of the scores over the keys (each row sums to 1).
+    5. z = pattern @ v: [pos, d_head]; return z @ W_O: [pos, d_model].
+
+    d_head is W_Q.shape[1] (not necessarily d_model / n_heads). No b_O: a layer
+    adds it once, after summing its heads. Do not change any argument in place.
+    """
+    raise NotImplementedError(
+        "single_head_attention: write it in gpt2_course/exercises/attention.py"
+    )
 
 
 class MultiHeadAttention(nn.Module):

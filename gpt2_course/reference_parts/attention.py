@@ -1,4 +1,4 @@
-"""Causal multi-head attention on torch's fused kernel."""
+"""Causal attention, one head and many, on torch's fused kernel."""
 
 import einops
 import torch
@@ -8,6 +8,20 @@ from torch import Tensor, nn
 
 from gpt2_course.config import TransformerConfig
 from gpt2_course.reference_parts._params import add_parameters
+
+
+def single_head_attention(
+    x: Float[Tensor, "pos d_model"],
+    W_Q: Float[Tensor, "d_model d_head"],
+    W_K: Float[Tensor, "d_model d_head"],
+    W_V: Float[Tensor, "d_model d_head"],
+    b_Q: Float[Tensor, "d_head"],
+    b_K: Float[Tensor, "d_head"],
+    b_V: Float[Tensor, "d_head"],
+    W_O: Float[Tensor, "d_head d_model"],
+) -> Float[Tensor, "pos d_model"]:
+    q, k, v = (F.linear(x, W.T, b) for W, b in ((W_Q, b_Q), (W_K, b_K), (W_V, b_V)))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True) @ W_O  # scales by 1/sqrt(d_head)
 
 
 class MultiHeadAttention(nn.Module):

@@ -1,4 +1,5 @@
-"""Common causal-mask and attention mistakes (notebook 03), written on the reference part.
+"""Common attention mistakes (notebook 03): one head's standalone, the mask's and
+MultiHeadAttention's written on the reference part.
 
 The reference part runs torch's fused attention, which never calls
 `apply_causal_mask`; `attention_with` writes attention out as the stub describes it
@@ -60,6 +61,34 @@ def heads_flattened_wrongly(self, z):
     return flat_z @ self.W_O.flatten(0, 1) + self.b_O  # ... against W_O's (heads, d_head) order
 
 
+def one_head_with(
+    mask=None, scale=None, biases=True, scores_of=None, weigh=None, transposed_W_O=False
+):
+    """One head on one sequence, written out step by step with one step changed: `mask(scores)`
+    for the causal mask, scores divided by `scale(d_head)`, no b_Q, b_K, b_V, `scores_of(q, k)`
+    for the scores, `weigh(scores)` for the pattern, or z @ W_O.T."""
+
+    def single_head_attention(x, W_Q, W_K, W_V, b_Q, b_K, b_V, W_O):
+        q, k, v = x @ W_Q, x @ W_K, x @ W_V
+        if biases:
+            q, k, v = q + b_Q, k + b_K, v + b_V
+        d_head = W_Q.shape[1]
+        scores = (scores_of(q, k) if scores_of else q @ k.T) / (
+            scale(d_head) if scale else math.sqrt(d_head)
+        )
+        masked = mask(scores) if mask else scores.masked_fill(future(scores), IGNORE)
+        z = (weigh(scores) if weigh else masked.softmax(-1)) @ v
+        return z @ (W_O.T if transposed_W_O else W_O)
+
+    return single_head_attention
+
+
+def attention_1d_scaled_by_d_model(x, W_Q, W_K, W_V, b_Q, b_K, b_V, W_O):
+    q, k, v = x @ W_Q + b_Q, x @ W_K + b_K, x @ W_V + b_V
+    scores = q @ k.T / math.sqrt(x.shape[-1])
+    return scores.masked_fill(future(scores), IGNORE).softmax(-1) @ v @ W_O
+
+
 WRONG_TRIANGLE = attention_with(mask=lambda s: s.masked_fill(~future(s, 0), IGNORE))
 DIAGONAL_MASKED = attention_with(mask=lambda s: s.masked_fill(future(s, 0), IGNORE))
 MASK_WITH_ZERO = attention_with(mask=lambda s: s.masked_fill(future(s), 0.0))
@@ -68,6 +97,22 @@ NO_MASK = attention_with(mask=lambda s: s.clone())
 
 # fmt: off
 MISTAKES = {
+    "attention.single_head_attention": [
+        Mistake("no_scaling", "one head without the 1/sqrt(d_head) scaling of the scores", one_head_with(scale=lambda d: 1.0)),
+        Mistake("scaled_by_d_head", "one head with scores divided by d_head instead of sqrt(d_head)", one_head_with(scale=float)),
+        Mistake("scaled_by_d_model", "one head with scores divided by sqrt(d_model) (x.shape[-1]) instead of sqrt(d_head)", attention_1d_scaled_by_d_model),
+        Mistake("scaled_by_8", "one head with scores divided by 8, GPT-2 small's sqrt(d_head) written in, instead of sqrt(d_head) of the weights given", one_head_with(scale=lambda d: 8.0)),
+        Mistake("softmax_over_queries", "one head with the softmax over the query axis instead of the key axis (dim=0 instead of -1)", one_head_with(weigh=lambda s: s.masked_fill(future(s), IGNORE).softmax(0))),
+        Mistake("no_mask", "one head without the causal mask (every query sees the future)", one_head_with(mask=lambda s: s)),
+        Mistake("mask_after_softmax", "one head that masks after the softmax (masked weights become -inf, and -inf times the values gives inf and NaN)", one_head_with(weigh=lambda s: s.softmax(-1).masked_fill(future(s), IGNORE))),
+        Mistake("zeroed_after_softmax", "one head that zeroes the future weights after the softmax (rows no longer sum to 1: mask the scores before the softmax)", one_head_with(weigh=lambda s: s.softmax(-1).tril())),
+        Mistake("diagonal_masked", "one head whose mask also hides the diagonal (off by one: the first query sees no key, NaN)", one_head_with(mask=lambda s: s.masked_fill(future(s, 0), IGNORE))),
+        Mistake("next_key_visible", "one head whose mask leaves the next key visible (off by one: triu(diagonal=2) instead of 1)", one_head_with(mask=lambda s: s.masked_fill(future(s, 2), IGNORE))),
+        Mistake("mask_with_zero", "one head whose mask sets future scores to 0 instead of -inf", one_head_with(mask=lambda s: s.masked_fill(future(s), 0.0))),
+        Mistake("no_biases", "one head without the biases b_Q, b_K and b_V", one_head_with(biases=False)),
+        Mistake("scores_transposed", "one head with the scores transposed (k @ q.T: rows are keys, columns queries)", one_head_with(scores_of=lambda q, k: k @ q.T)),
+        Mistake("transposed_W_O", "one head with W_O transposed (z @ W_O.T: it runs only where d_head == d_model)", one_head_with(transposed_W_O=True)),
+    ],
     "attention.MultiHeadAttention.apply_causal_mask": [
         Mistake("wrong_triangle", "a mask of the wrong triangle: earlier keys hidden and future keys visible", WRONG_TRIANGLE),
         Mistake("diagonal_masked", "a mask that also hides the diagonal (a query must see its own key: the first token would see nothing)", DIAGONAL_MASKED),
@@ -93,6 +138,7 @@ MISTAKES = {
         Mistake("heads_flattened_wrongly", "attention that flattens z as (d_head, heads) but W_O as (heads, d_head), mixing up which head each row of W_O belongs to", attention_with(combine=heads_flattened_wrongly)),
         Mistake("b_O_per_head", "attention that adds b_O to every head's output before summing (n_heads times b_O)", attention_with(combine=lambda self, z: (per_head(self, z) + self.b_O).sum(2))),
         Mistake("no_qkv_biases", "attention without the biases b_Q, b_K and b_V", attention_with(biases=False)),
+        Mistake("mask_inline", "attention that masks the scores itself instead of calling self.apply_causal_mask (right numbers, but the notebook asks for the call)", attention_with(weigh=lambda self, s: s.masked_fill(future(s), IGNORE).softmax(-1))),
     ],
 }
 # fmt: on
