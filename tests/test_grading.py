@@ -17,9 +17,13 @@ from gpt2_course.grading.grader import Grader, Settings, grade_all
 ROOT = Path(__file__).resolve().parents[1]
 ADVERSARIAL = Path(__file__).parent / "adversarial"
 HOSTILE = sorted(p.name for p in ADVERSARIAL.iterdir() if (p / "expect.json").is_file())
-# The first eleven checks, through the whole model: enough for every kind of attack,
-# and a hang in the eleventh after ten passes.
-FIRST_ELEVEN = list(all_checks())[:11]
+# The model's checks (notebook 01's BPE aside), from the embeddings on.
+MODEL_CHECKS = [check_id for check_id in all_checks() if not check_id.startswith("bpe.")]
+# The model's components, through the whole model (the single head that teaches attention
+# aside): enough for every kind of attack, and a hang in the eleventh after ten passes.
+FIRST_ELEVEN = [c for c in MODEL_CHECKS if c != "attention.single_head_attention"]
+FIRST_ELEVEN = FIRST_ELEVEN[: FIRST_ELEVEN.index("transformer.load_gpt2_weights") + 1]
+assert len(FIRST_ELEVEN) == 11, FIRST_ELEVEN
 SLOW = 60.0  # seconds per check: a hostile loop costs this much
 
 
@@ -168,7 +172,7 @@ def test_shards_cover_the_class_once():
 @pytest.mark.slow
 def test_without_a_sandbox_grading_still_holds(tmp_path):
     """The bare-process level: the same scores, and a hang still costs one check only."""
-    checks = list(all_checks())[:4]  # embeddings and LayerNorm
+    checks = MODEL_CHECKS[:4]  # embeddings and LayerNorm
     honest = exercise_copy("solutions", tmp_path / "honest")
     looping = exercise_copy("solutions", tmp_path / "looping")
     shutil.copy(ADVERSARIAL / "infinite_loop" / "layernorm.py", looping)
@@ -184,7 +188,7 @@ def test_without_a_sandbox_grading_still_holds(tmp_path):
 def test_without_the_source_scan_the_runner_still_holds_no_answer(tmp_path):
     """Attacks the scan would refuse, graded with the scan off: patching the judge in the
     runner changes nothing (the judge is elsewhere), and the reference cannot be built."""
-    checks = list(all_checks())[:4]
+    checks = MODEL_CHECKS[:4]
     paths = []
     for name in ("patch_judge_unscanned", "reference_activations", "imports_solutions"):
         folder = exercise_copy("solutions", tmp_path / name)

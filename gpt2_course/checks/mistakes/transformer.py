@@ -67,6 +67,16 @@ def c_proj_transposed(weights, cfg):
     return changed(weights, "attn.W_O", transposed)
 
 
+def qkv_slices_transposed(weights, cfg):
+    def transposed(w):  # each third of c_attn.weight, [d_model, (h d_head)], is square too
+        c_attn_slice = einops.rearrange(w, "h d_model d_head -> d_model (h d_head)")
+        return einops.rearrange(
+            c_attn_slice.T, "d_model (h d_head) -> h d_model d_head", h=cfg.n_heads
+        )
+
+    return changed(weights, ("attn.W_Q", "attn.W_K", "attn.W_V"), transposed)
+
+
 def heads_split_wrong_way(weights, cfg):
     def split(w):
         merged = einops.rearrange(w, "h d_model d_head -> d_model (h d_head)")
@@ -93,6 +103,7 @@ MISTAKES = {
     "transformer.load_gpt2_weights": [
         Mistake("kqv_order", "load_gpt2_weights splitting c_attn as K, Q, V (it is Q, then K, then V)", loader(kqv_order)),
         Mistake("c_proj_transposed", "load_gpt2_weights that transposes attn.c_proj as if it were an nn.Linear (Conv1D weights are already [d_in, d_out])", loader(c_proj_transposed)),
+        Mistake("qkv_slices_transposed", "load_gpt2_weights that transposes each of the Q, K and V thirds of attn.c_attn as if it were an nn.Linear weight: each is square, [768, 768] in GPT-2 small, so no shape check objects", loader(qkv_slices_transposed)),
         Mistake("mlp_transposed", "load_gpt2_weights that transposes the MLP's c_fc and c_proj as if they were nn.Linear weights (Conv1D weights are already [d_in, d_out])", loader(lambda weights, cfg: changed(weights, ("mlp.W_in", "mlp.W_out"), lambda w: w.T))),
         Mistake("no_ln_final", "load_gpt2_weights that never loads ln_f into ln_final", loader(lambda weights, cfg: without(weights, "ln_final.w", "ln_final.b"))),
         Mistake("W_U_not_transposed", "load_gpt2_weights that sets W_U to wte.weight without transposing it (W_U is [d_model, d_vocab], wte.weight is [d_vocab, d_model])", loader(lambda weights, cfg: weights | {"unembed.W_U": weights["embed.W_E"]})),
