@@ -324,10 +324,30 @@ def tokenize(dataset) -> tuple[np.ndarray, np.ndarray]:
     return tokens, offsets - offsets[0]
 
 
+def cut_windows(stream: Int[Tensor, "n_tokens"], seq_len: int) -> Int[Tensor, "n seq_len"]:
+    """The course's rule for windows (notebook 06's `make_windows`, whose check compares with
+    this): consecutive, non-overlapping windows of `seq_len` tokens, the remainder dropped,
+    a copy of `stream`."""
+    n_windows = len(stream) // seq_len
+    return stream[: n_windows * seq_len].reshape(n_windows, seq_len).clone()
+
+
+WindowCutter = Callable[[Tensor, int], Tensor]
+
+
 def windows(
-    tokens: np.ndarray, offsets: np.ndarray, seq_len: int, val_fraction: float, seed: int
+    tokens: np.ndarray,
+    offsets: np.ndarray,
+    seq_len: int,
+    val_fraction: float,
+    seed: int,
+    cut: WindowCutter | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Shuffle the documents, join them, cut windows of `seq_len`; the last ones validate."""
+    """Shuffle the documents, join them, cut windows of `seq_len`; the last ones validate.
+
+    `cut(stream, seq_len)` cuts the windows: `cut_windows` unless given (the trainer
+    passes the learner's `make_windows`).
+    """
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2 (a token and the next one), got {seq_len}")
     if not 0 < val_fraction < 1:
@@ -344,9 +364,16 @@ def windows(
             f"the text has {len(stream):,} tokens: too few for one training and one validation "
             f"window of {seq_len} tokens. Use more text or a shorter context."
         )
-    cut = torch.from_numpy(stream[: n_windows * seq_len].copy()).view(n_windows, seq_len)
+    cut_up = (cut or cut_windows)(torch.from_numpy(np.ascontiguousarray(stream)), seq_len)
+    if not isinstance(cut_up, Tensor) or tuple(cut_up.shape) != (n_windows, seq_len):
+        got = list(cut_up.shape) if isinstance(cut_up, Tensor) else type(cut_up).__name__
+        raise DataError(
+            f"make_windows cut {len(stream):,} tokens into {got}, expected "
+            f"[{n_windows}, {seq_len}] (consecutive windows, the remainder dropped): check it with "
+            'check("training.make_windows")'
+        )
     n_val = min(n_windows - 1, max(1, round(n_windows * val_fraction)))
-    return cut[:-n_val].clone(), cut[-n_val:].clone()
+    return cut_up[:-n_val].clone(), cut_up[-n_val:].clone()
 
 
 def load_data(
@@ -356,8 +383,13 @@ def load_data(
     val_fraction: float = 0.1,
     seed: int = 0,
     verbose: bool = True,
+    cut: WindowCutter | None = None,
 ) -> TokenData:
-    """Tokenised windows of `seq_len` tokens from `data` (see the module docstring)."""
+    """Tokenised windows of `seq_len` tokens from `data` (see the module docstring).
+
+    `cut(stream, seq_len)` cuts the windows: the course's `cut_windows` unless given
+    (notebook 06 and the trainer pass your `make_windows`).
+    """
     import datasets
 
     datasets_cache().mkdir(parents=True, exist_ok=True)
@@ -369,7 +401,7 @@ def load_data(
     finally:
         if not bars:
             datasets.enable_progress_bars()
-    train, val = windows(tokens, offsets, seq_len, val_fraction, seed)
+    train, val = windows(tokens, offsets, seq_len, val_fraction, seed, cut)
     result = TokenData(train, val, source, description, len(offsets) - 1, len(tokens))
     if verbose:
         print(result.summary())
@@ -472,6 +504,7 @@ __all__ = [
     "TokenData",
     "baselines",
     "bigram_loss",
+    "cut_windows",
     "load_data",
     "unigram_log_probs",
     "unigram_loss",

@@ -1,8 +1,9 @@
 """Train a small GPT: the course's training loop, checkpoints, and `gpt2-course train`.
 
 The model is your `Transformer`, built from your components through `gpt2_course.parts`
-(or the reference solutions where you chose them), and so are the loss, the optimizer
-and the learning-rate schedule (`next_token_loss`, `configure_optimizer`, `lr_at_step`).
+(or the reference solutions where you chose them), and so are the loss, the optimizer,
+the learning-rate schedule, the windows and the training step (`next_token_loss`,
+`configure_optimizer`, `lr_at_step`, `make_windows`, `train_step`).
 
 Checkpoints (what notebook 07 loads, by default from `checkpoints/tiny-gpt/` at the
 root of the course checkout):
@@ -554,11 +555,14 @@ def train(
     resume: bool = False,
     progress: bool = True,
     verbose: bool = True,
+    on_eval: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train a GPT as `config` says; return the model, its history and the baselines.
 
     `data`: a `gpt2_course.data.TokenData` to reuse (else it is loaded from config.data).
     `resume`: continue from the checkpoint in config.out_dir when there is one.
+    `on_eval`: called with the model at every evaluation; what it returns joins that row
+    of the history (notebook 09 records attention scores so).
     """
     from tqdm.auto import tqdm
 
@@ -572,18 +576,21 @@ def train(
 
     cfg = config.model
     if data is None:
-        data = load_data(
-            config.data,
-            seq_len=cfg.n_ctx,
-            val_fraction=config.val_fraction,
-            seed=config.seed,
-            verbose=verbose,
-        )
+        with _clear_errors("training.make_windows"):
+            data = load_data(
+                config.data,
+                seq_len=cfg.n_ctx,
+                val_fraction=config.val_fraction,
+                seed=config.seed,
+                verbose=verbose,
+                cut=_part("training.make_windows"),
+            )
     if data.seq_len > cfg.n_ctx:
         raise TrainingError(f"windows of {data.seq_len} tokens do not fit n_ctx={cfg.n_ctx}")
     device = pick_device(config.device)
     loss_fn = _part("training.next_token_loss")
     lr_at_step = _part("training.lr_at_step")
+    train_step = _part("training.train_step")
 
     def lr(step: int) -> float:
         with _clear_errors("training.lr_at_step"):
@@ -684,6 +691,8 @@ def train(
                 "val_loss": evaluate(model, val_windows, loss_fn),
                 "lr": lr(step),
             }
+        if on_eval is not None:
+            row |= on_eval(model)
         history.append(row)
         if step:
             say(
@@ -715,23 +724,18 @@ def train(
             while step < config.steps:
                 t0 = time.perf_counter()
                 current_lr = lr(step)
-                for group in optimizer.param_groups:
-                    group["lr"] = current_lr
                 batch = _batch(data.train, config.batch_size, config.seed, step).to(device)
-                with _clear_errors("training.next_token_loss"):
-                    loss = loss_fn(model(batch), batch)
-                if not torch.isfinite(loss):
+                with _clear_errors("training.train_step"):
+                    loss = _take_step(
+                        train_step, model, batch, optimizer, current_lr, config.grad_clip, loss_fn
+                    )
+                if not math.isfinite(loss):
                     raise TrainingError(
-                        f"the loss became {loss.item()} at step {step}: lower the learning rate "
+                        f"the loss became {loss} at step {step}: lower the learning rate "
                         f"(now {current_lr:.3g}) or check your components"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                optimizer.step()
                 step += 1
-                losses.append(round(loss.item(), 5))
+                losses.append(round(loss, 5))
                 train_seconds += time.perf_counter() - t0
                 trained_tokens += batch.numel()
                 tokens_per_second = trained_tokens / train_seconds
@@ -777,6 +781,87 @@ def train(
         data_summary=data.summary(),
         checkpoint=out_dir if config.save and (out_dir / CONFIG_FILE).exists() else None,
         interrupted=interrupted,
+    )
+
+
+def _take_step(
+    train_step: Callable[..., Any],
+    model: nn.Module,
+    batch: Tensor,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    grad_clip: float | None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+) -> float:
+    """`train_step` on one batch: its loss as a float, or a TrainingError saying what is wrong."""
+    try:
+        loss = train_step(model, batch, optimizer, lr=lr, grad_clip=grad_clip)
+    except RuntimeError as error:
+        if "does not require grad" not in str(error):  # torch's words for "no grad_fn"
+            raise
+        raise TrainingError(_why_no_gradient(model, batch, loss_fn)) from None
+    try:
+        return float(loss)
+    except (TypeError, ValueError, RuntimeError):
+        raise TrainingError(
+            f"train_step returned a {type(loss).__name__}, expected the loss as a Python float "
+            "(loss.item())"
+        ) from None
+
+
+def _why_no_gradient(
+    model: nn.Module, batch: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor]
+) -> str:
+    """Which function cut the loss off from the parameters: the model (and its first module
+    whose output carries no gradient), next_token_loss, or train_step itself."""
+    lead = "The loss has no gradient (no grad_fn), so backward() cannot train the model: "
+    advice = (
+        "Look for .detach(), .data, .item(), torch.no_grad() or a tensor rebuilt with "
+        "torch.tensor(...) there."
+    )
+    cut_off: list[str] = []
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if (
+                isinstance(output, Tensor)
+                and output.is_floating_point()
+                and not output.requires_grad
+            ):
+                cut_off.append(name)
+
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules()]
+    try:
+        with torch.enable_grad():
+            logits = model(batch)
+            loss = loss_fn(logits, batch) if isinstance(logits, Tensor) else None
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not (isinstance(logits, Tensor) and logits.requires_grad):
+        first = cut_off[0] if cut_off else ""
+        module = model.get_submodule(first) if first else model
+        where = f"`{first}` ({type(module).__name__}.forward)" if first else "Transformer.forward"
+        kind = type(module).__name__
+        component = next((c for c in parts.COMPONENTS if c.split(".")[1] == kind), None)
+        lend = f", or train with parts.use_solution({component!r})" if component else ""
+        return (
+            f"{lead}the model's logits carry none. The first part whose output has no "
+            f"gradient is {where}. {advice[:-1]}{lend}."
+        )
+    if isinstance(loss, Tensor) and not loss.requires_grad:
+        return (
+            f"{lead}next_token_loss returned a tensor with no gradient, although the logits "
+            f"have one. {advice[:-1]}, or train with the reference loss and the reference step "
+            "that calls it: parts.use_solution('training.next_token_loss') and "
+            "parts.use_solution('training.train_step')."
+        )
+    return (
+        f"{lead}the model and next_token_loss give a loss with a gradient, so train_step loses "
+        f"it before backward(). {advice[:-1]}, or train with "
+        "parts.use_solution('training.train_step')."
     )
 
 

@@ -412,6 +412,66 @@ def test_unimplemented_parts_give_a_clear_message(tmp_path, tiny_data):
         parts.use_mine("transformer.Transformer")
 
 
+def test_a_loss_without_gradient_stops_training_with_a_clear_message(
+    tmp_path, solutions, tiny_data, monkeypatch
+):
+    import solutions.training as training
+
+    real = training.next_token_loss
+    # train_step uses its own file's next_token_loss, and so does the trainer's diagnosis
+    monkeypatch.setattr(
+        training, "next_token_loss", lambda logits, tokens: real(logits, tokens).detach()
+    )
+    with pytest.raises(
+        TrainingError, match="next_token_loss returned a tensor with no gradient"
+    ) as caught:
+        train(tiny_config(tmp_path, steps=2), data=tiny_data, progress=False, verbose=False)
+    assert "does not require grad" not in str(caught.value)
+
+
+def test_a_model_without_gradient_stops_training_with_a_clear_message(
+    tmp_path, solutions, tiny_data, monkeypatch
+):
+    import solutions.transformer as transformer
+
+    real = transformer.Transformer.forward
+    monkeypatch.setattr(
+        transformer.Transformer, "forward", lambda self, tokens: real(self, tokens).detach()
+    )
+    with pytest.raises(TrainingError, match=r"logits carry none.*Transformer\.forward"):
+        train(tiny_config(tmp_path, steps=2), data=tiny_data, progress=False, verbose=False)
+
+
+def test_the_trainer_cuts_windows_with_make_windows(tmp_path, corpus, monkeypatch):
+    import solutions.training as training
+
+    cut: list[int] = []
+    real = training.make_windows
+
+    def counting(tokens, seq_len):
+        cut.append(seq_len)
+        return real(tokens, seq_len)
+
+    monkeypatch.setattr(training, "make_windows", counting)
+    with parts.using(parts.SOLUTIONS):
+        config = tiny_config(tmp_path, steps=1, data=str(corpus), save=False)
+        train(config, progress=False, verbose=False)
+    assert cut == [TINY["n_ctx"]]
+    # a wrong cut is stopped before training, with the check to run
+    with pytest.raises(DataError, match=r"make_windows.*check\(\"training.make_windows\"\)"):
+        windows(np.arange(40), np.array([0, 40]), 8, 0.2, 0, cut=lambda t, n: t.unfold(0, n, 1))
+
+
+def test_the_first_step_of_the_warmup_moves_the_weights():
+    from solutions.training import lr_at_step
+
+    settings = dict(max_lr=1e-2, min_lr=1e-3, total_steps=100)
+    assert lr_at_step(0, warmup_steps=10, **settings) == pytest.approx(1e-2 / 11)
+    assert lr_at_step(10, warmup_steps=10, **settings) == pytest.approx(1e-2)  # meets the cosine
+    assert lr_at_step(0, warmup_steps=0, **settings) == pytest.approx(1e-2)  # no warmup at all
+    assert isinstance(lr_at_step(3, warmup_steps=10, **settings), float)
+
+
 def test_config_validation():
     with pytest.raises(TrainingError, match="steps must be positive"):
         TrainConfig(steps=0)
