@@ -76,9 +76,10 @@ def load_model(args: argparse.Namespace, err: TextIO) -> LoadedModel:
 def sampling_models(err: TextIO = sys.stdout) -> dict[str, nn.Module]:
     """The models worth sampling from here, best first, built from the current parts.
 
-    Your trained checkpoint from notebook 06 (checkpoints/tiny-gpt) and pretrained
-    GPT-2 small, whichever exist; if neither, GPT-2 small with the reference's
-    seeded random weights. Says what is missing and why.
+    Pretrained GPT-2 small and your trained checkpoint from notebook 06
+    (checkpoints/tiny-gpt), whichever exist, in that order (pretrained GPT-2 writes
+    far better text than a model trained for minutes); if neither, GPT-2 small with
+    the reference's seeded random weights. Says what is missing and why.
     """
     from gpt2_course.pretrained import CheckpointError, load_pretrained_model
     from gpt2_course.reference import get_reference
@@ -86,14 +87,14 @@ def sampling_models(err: TextIO = sys.stdout) -> dict[str, nn.Module]:
 
     models: dict[str, nn.Module] = {}
     try:
+        models["GPT-2 small, pretrained"] = load_pretrained_model("gpt2")
+    except CheckpointError:
+        print("No pretrained GPT-2 here (offline, and not in the local cache).", file=err)
+    try:
         trained, _, meta = load_checkpoint()
         models[f"your trained model (notebook 06, step {meta.get('step', '?')})"] = trained
     except TrainingError as error:
         print(f"No trained checkpoint: {error}", file=err)
-    try:
-        models["GPT-2 small, pretrained"] = load_pretrained_model("gpt2")
-    except CheckpointError:
-        print("No pretrained GPT-2 here (offline, and not in the local cache).", file=err)
     if not models:
         description = "GPT-2 small with the reference's seeded random weights"
         models[description] = course_model(

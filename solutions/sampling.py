@@ -2,7 +2,7 @@
 
 Every logit transform takes next-token logits `[batch, d_vocab]` and returns new
 logits of the same shape, with removed tokens at -inf (probability exactly 0
-after the softmax). None of them changes its input in place.
+after the softmax). None of them changes its input in place or returns it.
 """
 
 import einops
@@ -148,6 +148,21 @@ def generate(
     return tokens
 
 
+def beam_step(
+    scores: Float[Tensor, " beam"], log_probs: Float[Tensor, "beam d_vocab"], num_beams: int
+) -> tuple[Float[Tensor, " candidate"], Int[Tensor, " candidate"], Int[Tensor, " candidate"]]:
+    """The 2 * num_beams best one-token extensions of the running beams, best first.
+
+    A candidate extends beam b by token t and scores scores[b] + log_probs[b, t]. Returns
+    the candidates' scores, beams and tokens, each [2 * num_beams] (every candidate when
+    there are fewer).
+    """
+    d_vocab = log_probs.shape[-1]
+    totals = einops.rearrange(scores[:, None] + log_probs, "beam vocab -> (beam vocab)")
+    top_scores, flat_index = totals.topk(min(2 * num_beams, totals.numel()))
+    return top_scores, flat_index // d_vocab, flat_index % d_vocab
+
+
 @torch.no_grad()
 def beam_search(
     model: nn.Module,
@@ -164,7 +179,7 @@ def beam_search(
     Same rules as Hugging Face's `generate(num_beams=...)` (greedy beam search):
 
     * each step extends every running beam by every token and keeps the
-      2 * num_beams best candidates by total log-probability;
+      2 * num_beams best candidates by total log-probability (`beam_step`);
     * a candidate ending in `eos_token_id`, or reaching `max_new_tokens`, is a
       finished hypothesis if it ranks among the first num_beams candidates; its
       score is its total log-probability / (generated length ** length_penalty);
@@ -191,12 +206,10 @@ def beam_search(
 
     for step in range(1, max_new_tokens + 1):
         log_probs = F.log_softmax(model(beams)[:, -1, :], dim=-1)
-        d_vocab = log_probs.shape[-1]
-        totals = einops.rearrange(beam_scores[:, None] + log_probs, "beam vocab -> (beam vocab)")
-        top_scores, top_index = totals.topk(min(2 * num_beams, totals.numel()))
+        top_scores, parents, next_tokens = beam_step(beam_scores, log_probs, num_beams)
         next_beams, next_scores = [], []
-        for rank, (score, index) in enumerate(zip(top_scores, top_index.tolist(), strict=True)):
-            parent, token = divmod(index, d_vocab)
+        candidates = zip(top_scores, parents.tolist(), next_tokens.tolist(), strict=True)
+        for rank, (score, parent, token) in enumerate(candidates):
             sequence = torch.cat([beams[parent], beams.new_tensor([token])])
             if token == eos_token_id or step == max_new_tokens:
                 if rank < num_beams:  # candidates further down were only a reserve of running beams

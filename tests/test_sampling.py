@@ -12,6 +12,7 @@ from solutions.sampling import (
     apply_top_k,
     apply_top_p,
     beam_search,
+    beam_step,
     generate,
     sample_next_token,
 )
@@ -62,6 +63,30 @@ def test_top_p_keeps_the_token_that_crosses_p():
     assert kept.tolist() == [[True, True, False, False]]
     # exactly reaching p with the first token: the second is not needed
     assert torch.isfinite(apply_top_p(logits, 0.5)).tolist() == [[True, False, False, False]]
+
+
+def test_exact_rows_land_exactly_on_p_in_any_precision_and_order():
+    """The top-p boundary case is exact: no rounding can excuse keeping the extra token."""
+    rows = data.exact_rows()
+    for dtype in (torch.float32, torch.float64):
+        probs = rows.to(dtype).softmax(dim=-1)
+        for order in (True, False):
+            totals = probs.sort(dim=-1, descending=order).values.cumsum(dim=-1)
+            assert {0.5, 0.75} <= set(totals[0].tolist()) | set(totals[1].tolist())
+    kept = torch.isfinite(apply_top_p(rows, 0.75)).sum(dim=-1)
+    assert kept.tolist() == [3, 6]
+
+
+def test_transforms_never_return_their_input():
+    logits = torch.randn(2, 10)
+    for out in [
+        apply_temperature(logits, 1.0),
+        apply_top_k(logits, 10),
+        apply_top_p(logits, 1.0),
+        apply_frequency_penalty(logits, torch.zeros(2, 0, dtype=torch.long), 1.0),
+        apply_frequency_penalty(logits, torch.ones(2, 3, dtype=torch.long), 0.0),
+    ]:
+        assert out.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr()
 
 
 def test_frequency_penalty_counts_each_row_separately():
@@ -164,6 +189,35 @@ def test_beam_search_matches_hugging_face_across_settings():
             theirs = data.hf_generate(model, tokens, 8, num_beams=beams, **settings)
             ours = beam_search(model, tokens, beams, 8, **settings)
             assert torch.equal(ours, theirs), (model_seed, eos, beams, length_penalty, early)
+
+
+def test_beam_step_ranks_all_beams_together():
+    scores = torch.tensor([-1.0, -9.0])
+    log_probs = torch.tensor([[-0.1, -0.5, -3.0], [-0.01, -0.02, -0.03]])
+    best, beams, tokens = beam_step(scores, log_probs, 2)
+    assert beams.tolist() == [0, 0, 0, 1] and tokens.tolist() == [0, 1, 2, 0]
+    assert torch.allclose(best, torch.tensor([-1.1, -1.5, -4.0, -9.01]))
+    # fewer candidates than 2 * num_beams: all of them
+    assert len(beam_step(torch.zeros(1), log_probs[:1], 4)[0]) == 3
+
+
+BEAM_LOSES_PROMPT_SEED = 110  # found by a search over prompt seeds
+
+
+def test_beam_search_can_end_less_likely_than_greedy():
+    """Nothing guarantees that beam search beats greedy on total log-probability: the
+    greedy path can fall out of the beams. A case on the check's small model."""
+    model = data.small_model(0)
+    tokens = prompts(1, seed=BEAM_LOSES_PROMPT_SEED)
+    greedy = generate(model, tokens, 6, temperature=0)
+    beams = beam_search(model, tokens, 2, 6)
+
+    def total(sequence):
+        with torch.no_grad():
+            log_probs = model(sequence).log_softmax(dim=-1)[0, 4:-1]
+        return log_probs.gather(-1, sequence[0, 5:, None]).sum().item()
+
+    assert total(beams) < total(greedy) - 1e-3
 
 
 def test_one_beam_is_greedy(small):

@@ -2,7 +2,10 @@
 
 * Logit transforms against Hugging Face's logits processors (transformers 5.x: top-k keeps
   every token tied with the k-th, top-p keeps the token that crosses p and at least one),
-  the frequency penalty against its closed form; each call also reports in-place changes.
+  the frequency penalty against its closed form; each call also reports in-place changes
+  and an output that is the input. Edge values at GPT-2's vocabulary size (k = d_vocab,
+  running totals landing exactly on p, tiny p), and the ValueErrors the docstrings promise.
+* `beam_step` against the candidates' sorted scores, any order among ties accepted.
 * Greedy `generate` and `beam_search` token for token against Hugging Face's `generate`:
   GPT-2 small, and small GPT-2s whose `randn` weights (the same on every CPU, scale 0.3)
   give peaked next-token distributions, so that greedy margins, eos and beams all matter.
@@ -11,6 +14,7 @@
   token of probability 0).
 """
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,13 +227,34 @@ SEED_FLAGS = [
 ]
 
 
+GENERATOR_FLAGS = [
+    "the same generator state gave different tokens on two calls: draw with "
+    "torch.multinomial(probs, 1, generator=generator), so the generator decides the draw",
+    "generators seeded 7 and 8 gave the same tokens: the `generator` argument is not used",
+    "torch's global random state changed although a generator was given: every draw must "
+    "come from `generator`",
+]
+
+
+@dataclass
+class Flags:
+    """Expected output of a reproducibility case: a bool per rule, all True; `messages` say
+    what each False means."""
+
+    messages: list[str]
+
+
 def judge_tokens(outcome: Outcome, case: Case) -> str | None:
-    """Token ids exactly, draws against their distribution, or generate's seed flags."""
+    """Token ids exactly, draws against their distribution, or reproducibility flags."""
     if isinstance(case.expected, Distribution):
         return judge_frequencies(outcome.output, case.expected.probs)
-    if case.expected.dtype == torch.bool:  # the seed case: SEED_FLAGS, each True when right
-        flags = zip(SEED_FLAGS, outcome.output.tolist(), strict=True)
+    if isinstance(case.expected, Flags):
+        flags = zip(case.expected.messages, outcome.output.tolist(), strict=True)
         return "; ".join(flag for flag, ok in flags if not ok) or None
+    if isinstance(case.expected, str):  # RAISES
+        if isinstance(outcome.output, str) and outcome.output == RAISES:
+            return None
+        return "this call must raise a ValueError (the docstring promises one), not return"
     return compare_tokens(outcome.output, case.expected)
 
 
@@ -251,16 +276,24 @@ IN_PLACE = (
     "your code changed its input logits in place: build a new tensor instead "
     "(e.g. `logits = logits / t`, not `logits /= t`)"
 )
+ALIASED = (
+    "your output shares memory with the input logits (it is the input itself, or a view of "
+    "it), so changing one changes the other: return a new tensor even when nothing changes "
+    "(e.g. `logits.clone()`)"
+)
+RAISES = "raises ValueError"  # last argument of a case whose setting the docstring forbids
 BAND = 1e-4  # tokens this close to the p boundary (in probability) may go either way
 
 
 @dataclass
 class Banded:
-    """Expected top-p output; tokens within float rounding of the boundary may go either way."""
+    """Expected top-p output; tokens within float rounding of the boundary, or tied across
+    it, may go either way (but `count` tokens per row must stay where it is not -1)."""
 
     logits: Tensor  # Hugging Face's output
     original: Tensor  # the input logits
     either: Tensor  # bool: kept or removed are both right
+    count: Tensor  # tokens each row keeps; -1 where rounding makes it uncertain
 
     def accepting(self, actual: Tensor) -> Tensor:
         if actual.shape != self.logits.shape or not actual.is_floating_point():
@@ -268,38 +301,89 @@ class Banded:
         theirs = torch.where(actual == NEG_INF, NEG_INF, self.original)
         return torch.where(self.either, theirs, self.logits)
 
+    def wrong_count(self, actual: Tensor) -> str | None:
+        kept = torch.isfinite(actual).sum(dim=-1)
+        wrong = (self.count >= 0) & (kept != self.count)
+        if not wrong.any():
+            return None
+        row = int(wrong.nonzero()[0])
+        return (
+            f"row {row} keeps {int(kept[row])} tokens, expected {int(self.count[row])}: the "
+            "probabilities here are exact, and the running total lands exactly on p (keep a "
+            "token only while the probability of the tokens before it is below p)"
+        )
+
 
 def banded_top_p(logits: Tensor, p: float) -> Banded:
-    """Hugging Face's top-p output, and which tokens sit within float rounding of the boundary."""
+    """Hugging Face's top-p output, and which tokens sit within float rounding of the boundary
+    (an exact landing on p is no rounding: designed rows make it exact in any order)."""
     probs = logits.double().softmax(dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     before_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs
     before_sorted[..., 0] = -1.0  # the most likely token always stays: never in the band
     before = torch.empty_like(before_sorted).scatter(-1, order, before_sorted)
-    either = ((before - p).abs() < BAND) & (probs > 0) & (p < 1)
-    return Banded(hf_warp(logits, top_p=p), logits, either)
+    near = ((before - p).abs() < BAND) & (before != p) & (probs > 0) & (p < 1)
+    expected = hf_warp(logits, top_p=p)
+    kept = torch.isfinite(expected)
+    either = near.clone()
+    for row, row_probs in enumerate(probs):  # tied across the cut: which of them stay is free
+        tied = torch.isin(row_probs, row_probs[kept[row]]) & torch.isin(
+            row_probs, row_probs[~kept[row]]
+        )
+        either[row] |= tied & (row_probs > 0)
+    count = torch.where(near.any(dim=-1), -1, kept.sum(dim=-1))
+    return Banded(expected, logits, either, count)
 
 
 def call_transform(fn: Any, case: Case) -> Observation:
-    """Call a logit transform; the probe records whether it changed its input logits."""
-    before = case.args[0].clone()
-    output = fn(*case.args)
-    return Observation(output, {"changed_input": not torch.equal(case.args[0], before)})
+    """Call a logit transform; the probes record whether it changed or returned its input.
+    A case ending in RAISES expects a ValueError: that comes back as the output RAISES."""
+    args, raises = case.args, isinstance(case.args[-1], str)
+    if raises:
+        args = args[:-1]
+    before = args[0].clone()
+    try:
+        output = fn(*args)
+    except ValueError:
+        if not raises:
+            raise
+        return Observation(RAISES)
+    shares = isinstance(output, Tensor) and (
+        output.untyped_storage().data_ptr() == args[0].untyped_storage().data_ptr()
+    )
+    probes = {"changed_input": not torch.equal(args[0], before), "shares_input": shares}
+    return Observation(output, probes)
 
 
 def judge_transform(outcome: Outcome, case: Case) -> str | None:
     if outcome.probes.get("changed_input"):
         return IN_PLACE
     expected = case.expected
+    if isinstance(expected, str):  # RAISES
+        if isinstance(outcome.output, str) and outcome.output == RAISES:
+            return None
+        return (
+            "this setting must raise a ValueError (the docstring promises one), but your code "
+            f"returned a {type(outcome.output).__name__}"
+        )
+    if outcome.probes.get("shares_input"):
+        return ALIASED
     if isinstance(expected, Banded) and isinstance(outcome.output, Tensor):
-        expected = expected.accepting(outcome.output)
+        problem = compare(outcome.output, expected.accepting(outcome.output), case.atol, case.rtol)
+        return problem or expected.wrong_count(outcome.output)
     return compare(outcome.output, expected, case.atol, case.rtol)
 
 
 def transform_cases(reference: Callable[..., Any], table: Callable[[], list]) -> list[Case]:
-    """A case per row (name, *args) of `table()`; "real ..." rows (reference logits) unseeded."""
+    """A case per row (name, *args) of `table()`; "real ..." rows (reference logits) unseeded;
+    rows ending in RAISES expect a ValueError."""
     return [
-        Case(name, tuple(args), expected=reference(*args), seeded=not name.startswith("real"))
+        Case(
+            name,
+            tuple(args),
+            expected=RAISES if args[-1] is RAISES else reference(*args),
+            seeded=not name.startswith("real"),
+        )
         for name, *args in table()
     ]
 
@@ -311,6 +395,8 @@ def temperature_table() -> list[tuple]:
         ("random logits, temperature 2", spread, 2.0),
         ("random logits, temperature 1 (no change)", spread, 1.0),
         ("random logits, temperature near 0 (1e-3)", small, 1e-3),
+        ("temperature 0: a ValueError (greedy is generate's job)", small, 0.0, RAISES),
+        ("negative temperature -1: a ValueError", small, -1.0, RAISES),
     ]
 
 
@@ -332,6 +418,8 @@ def top_k_table() -> list[tuple]:
         ("k larger than the vocabulary (k=500, 100 tokens)", rows, 500),
         ("k larger than the number of finite logits", filtered, 20),
         ("real logits, k=50", real_logits(), 50),
+        ("k equal to GPT-2's vocabulary size (50257): every token stays", real_size_rows(), 50257),
+        ("k=0: a ValueError", rows, 0, RAISES),
     ]
 
 
@@ -346,6 +434,24 @@ def peaked_rows() -> Tensor:
     return rows
 
 
+def real_size_rows() -> Tensor:
+    """Two peaked rows at GPT-2's vocabulary size, no two logits equal."""
+    rows = randn(2, 50257, seed=812, scale=2.0)
+    rows[0, 50256] += 15.0  # one token far ahead
+    rows[1, [5, 25000]] += torch.tensor([16.0, 15.0])
+    return rows
+
+
+def exact_rows() -> Tensor:
+    """Rows at GPT-2's vocabulary size of 4 and 8 equally likely tokens (logit 0; the others
+    -1000, probability exactly 0): every probability and running total is exact in float32
+    and float64, in any summation order, so a total lands exactly on p = 0.5 and 0.75."""
+    rows = torch.full((2, 50257), -1000.0)
+    rows[0, [11, 4000, 31000, 50256]] = 0.0
+    rows[1, torch.arange(8) * 6000 + 7] = 0.0
+    return rows
+
+
 def top_p_table() -> list[tuple]:
     designed = torch.tensor(
         [
@@ -355,7 +461,7 @@ def top_p_table() -> list[tuple]:
             [0.25, 0.25, 0.3, 0.2],  # ties inside the kept set: 0.3 + 0.25 + 0.25 (crosses)
         ]
     ).log()
-    rows, real = randn(6, 200, seed=821, scale=2.5), real_logits()
+    rows, real, exact = randn(6, 200, seed=821, scale=2.5), real_logits(), exact_rows()
     filtered = rows.clone()
     filtered[:, 50:] = NEG_INF  # as after top-k
     return [
@@ -365,9 +471,14 @@ def top_p_table() -> list[tuple]:
         ("random logits, p=0.9", rows, 0.9),
         ("logits already filtered (-inf), p=0.8", filtered, 0.8),
         ("tiny p=1e-8: only the most likely token stays", rows, 1e-8),
+        ("running totals land exactly on p=0.5 (4 and 8 tied tokens, 50257 in all)", exact, 0.5),
+        ("running totals land exactly on p=0.75", exact, 0.75),
+        ("tiny p=1e-8 on peaked rows at GPT-2's vocabulary size", real_size_rows(), 1e-8),
         ("p=1: every token stays", rows, 1.0),
         ("real logits, p=0.9", real, 0.9),
         ("real logits / 0.1, p=0.6", real / 0.1, 0.6),
+        ("p=0: a ValueError", rows, 0.0, RAISES),
+        ("p=1.5: a ValueError", rows, 1.5, RAISES),
     ]
 
 
@@ -384,6 +495,7 @@ def penalty_table() -> list[tuple]:
         ("rows counted separately, penalty 0.4", logits, tokens.flip(0), 0.4),
         ("negative penalty -0.7 (rewards repeats)", logits, tokens, -0.7),
         ("no tokens yet: no change", logits, torch.zeros(2, 0, dtype=torch.long), 2.0),
+        ("penalty 0: no change", logits, tokens, 0.0),
         ("real logits and text tokens, penalty 0.5", real, real_tokens, 0.5),
     ]
 
@@ -441,12 +553,30 @@ def sampler_cases() -> list[Case]:
         args = (groups.repeat_interleave(DRAWS, dim=0), batch, 3)
         probs = reference_distribution(groups, settings)
         cases.append(draws_case(f"{name}: {DRAWS} draws from each of 3 distributions", args, probs))
+    flat = torch.zeros(64, 40)  # 64 draws from 40 equally likely tokens: two seeds never agree
+    cases.append(
+        Case(
+            "the generator decides the draw: the same state twice gives the same tokens, "
+            "seeds 7 and 8 others, torch's global random state untouched",
+            (flat, {"temperature": 1.0, "top_k": 30}, "generator"),
+            expected=Flags(GENERATOR_FLAGS),
+            seeded=True,
+        )
+    )
     return cases
 
 
 def call_sampler(fn: Any, case: Case) -> Any:
     logits, settings, groups = case.args
     settings = {k: v.clone() if isinstance(v, Tensor) else v for k, v in settings.items()}
+    if groups == "generator":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(SAMPLING_SEED)
+            state = torch.get_rng_state()
+            runs = [fn(logits, generator=generator(seed), **settings) for seed in (7, 7, 8)]
+            untouched = torch.equal(torch.get_rng_state(), state)
+        first, again, other = (as_token_ids(t, (len(logits),), "sample_next_token") for t in runs)
+        return torch.tensor([torch.equal(first, again), not torch.equal(first, other), untouched])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SAMPLING_SEED)  # reproducible even for code that ignores `generator`
         output = fn(logits, generator=generator(SAMPLING_SEED), **settings)
@@ -523,7 +653,7 @@ def generate_cases() -> list[Case]:
             "seed=7 twice gives the same tokens, seed=8 others, torch's global random state "
             "untouched",
             ("seed", bigram, seed_prompts, 16, {"temperature": 1.0}),
-            expected=torch.ones(len(SEED_FLAGS), dtype=torch.bool),
+            expected=Flags(SEED_FLAGS),
             seeded=True,
         ),
         draws_case(
@@ -554,6 +684,101 @@ def call_generate(fn: Any, case: Case) -> Any:
     return torch.tensor(flags)
 
 
+@dataclass
+class BeamCandidates:
+    """Expected output of beam_step: any right answer, ties broken either way."""
+
+    scores: Tensor  # the beams' running scores [beam]
+    log_probs: Tensor  # [beam, d_vocab]
+    best: Tensor  # the candidates' scores, best first (unique even where tokens tie)
+
+
+def judge_beam_step(outcome: Outcome, case: Case) -> str | None:
+    """Scores best first as expected; each (beam, token) pair real, distinct and scored
+    scores[beam] + log_probs[beam, token]: any order among tied candidates is right."""
+    want, output = case.expected, outcome.output
+    if not (isinstance(output, tuple | list) and len(output) == 3):
+        return "expected a tuple of three tensors (scores, beam indices, token indices)"
+    if not all(isinstance(x, Tensor) for x in output):
+        return "expected a tuple of three tensors (scores, beam indices, token indices)"
+    scores, beams, tokens = (x.detach().cpu() for x in output)
+    n, (n_beams, d_vocab) = len(want.best), want.log_probs.shape
+    for what, x in [("scores", scores), ("beam indices", beams), ("token indices", tokens)]:
+        if x.shape != (n,):
+            return (
+                f"{what} have shape {list(x.shape)}, expected [{n}]: the 2 * num_beams best "
+                f"candidates ({n} here) over all beams and tokens"
+            )
+    if beams.is_floating_point() or tokens.is_floating_point():
+        return "beam and token indices must be integer tensors (torch.long), not floats"
+    if beams.min() < 0 or beams.max() >= n_beams or tokens.min() < 0 or tokens.max() >= d_vocab:
+        return (
+            f"an index is out of range: beams must be in [0, {n_beams}), tokens in "
+            f"[0, {d_vocab}) (the flat index splits as beam = index // d_vocab, "
+            "token = index % d_vocab)"
+        )
+    problem = compare(scores, want.best, case.atol, case.rtol)
+    if problem is not None:
+        return f"candidate scores (best first): {problem}"
+    actual = want.scores[beams] + want.log_probs[beams, tokens]
+    problem = compare(scores, actual, case.atol, case.rtol)
+    if problem is not None:
+        return f"a score is not its beam's score plus its token's log-probability: {problem}"
+    if len(set(zip(beams.tolist(), tokens.tolist(), strict=True))) < n:
+        return "the same (beam, token) candidate comes up twice"
+    return None
+
+
+def beam_step_case(name: str, scores: Tensor, log_probs: Tensor, num_beams: int) -> Case:
+    candidates = (scores[:, None].double() + log_probs.double()).flatten()
+    best = candidates.sort(descending=True).values[: 2 * num_beams].float()
+    expected = BeamCandidates(scores, log_probs, best)
+    return Case(name, (scores, log_probs, num_beams), expected=expected, seeded="real" not in name)
+
+
+def beam_step_cases() -> list[Case]:
+    log_probs = randn(4, 60, seed=881, scale=2.5).log_softmax(dim=-1)
+    lopsided = randn(3, 60, seed=882, scale=2.5).log_softmax(dim=-1)
+    # ties: beams 0 and 1 alike, and round log-probs; the cut at 6 falls inside a tie
+    tied = torch.tensor([[0.0, -1.0, -1.0, -2.0, -3.0], [0.0, -1.0, -1.0, -2.0, -3.0]])
+    big = randn(4, 50257, seed=883, scale=3.0).log_softmax(dim=-1)
+    real = real_logits()[:4].log_softmax(dim=-1)
+    return [
+        beam_step_case("4 beams, 60 tokens", randn(4, seed=884, scale=2.0) - 3, log_probs, 4),
+        beam_step_case(
+            "the first step: one beam (the prompt, score 0), 3 beams wanted",
+            torch.zeros(1),
+            log_probs[:1],
+            3,
+        ),
+        beam_step_case(
+            "one beam far ahead holds every best candidate",
+            torch.tensor([-1.0, -9.0, -9.5]),
+            lopsided,
+            3,
+        ),
+        beam_step_case(
+            "scores decide: the best beam's tokens are not the likeliest",
+            torch.tensor([-20.0, -1.0, -2.0, -1.5]),
+            log_probs,
+            4,
+        ),
+        beam_step_case(
+            "ties across beams and tokens (any tied candidate may come first)",
+            torch.tensor([-1.0, -1.0]),
+            tied,
+            3,
+        ),
+        beam_step_case(
+            "fewer candidates than 2 * num_beams: all 5, best first", torch.zeros(1), tied[:1], 4
+        ),
+        beam_step_case(
+            "4 beams at GPT-2's vocabulary size", torch.tensor([-2.0, -2.5, -3.0, -7.0]), big, 4
+        ),
+        beam_step_case("real log-probs, 4 beams", torch.tensor([-4.0, -5.0, -5.5, -6.0]), real, 4),
+    ]
+
+
 # Eos tokens chosen (once, by a search) so that finished hypotheses of different lengths
 # compete: without eos, neither the length penalty nor early stopping would matter. Each
 # mistake fails on at least one case. All on small_model(0), random_prompts(1, 5, seed=861).
@@ -564,7 +789,55 @@ BEAM_SETTINGS: list[tuple[str, int, dict[str, Any]]] = [  # name, num_beams, set
     ("4 beams, eos 119, length_penalty 1", 4, {"eos_token_id": 119}),
     ("3 beams, eos 420, early_stopping=True", 3, {"eos_token_id": 420, "early_stopping": True}),
     ("2 beams, eos 420, length_penalty 2", 2, {"eos_token_id": 420, "length_penalty": 2.0}),
+    ("2 beams, eos 38, length_penalty 0.5", 2, {"eos_token_id": 38, "length_penalty": 0.5}),
+    ("3 beams, eos 420, length_penalty 1", 3, {"eos_token_id": 420}),
+    (
+        "2 beams, eos 420, early_stopping='never'",
+        2,
+        {"eos_token_id": 420, "early_stopping": "never"},
+    ),
 ]
+
+
+COUNTS_BEAM_STEP = "counts beam_step calls"  # last argument of the case that counts them
+USES_BEAM_STEP = [
+    "beam_search never called beam_step: rank each step's candidates with your beam_step "
+    "(its own check vouches for it) and keep only the bookkeeping in beam_search",
+]
+
+
+def call_beam_search(fn: Any, case: Case) -> Any:
+    model, tokens, num_beams, max_new_tokens, settings, *marker = case.args
+    if marker == [COUNTS_BEAM_STEP]:
+        return torch.tensor([counts_beam_step(fn, model, tokens, num_beams, max_new_tokens) > 0])
+    try:
+        return fn(model, tokens, num_beams, max_new_tokens, **settings)
+    except ValueError:
+        if not marker:
+            raise
+        return RAISES
+
+
+def counts_beam_step(fn: Any, *args: Any) -> int:
+    """How often `fn` calls the `beam_step` of its own module (wrapped for the call)."""
+    function = inspect.unwrap(fn) if inspect.isfunction(fn) else type(fn).__call__  # no_grad
+    names = getattr(function, "__globals__", {})
+    original = names.get("beam_step")
+    if not callable(original):
+        fn(*args)
+        return 0
+    calls = []
+
+    def counting(*step_args: Any, **step_kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*step_args, **step_kwargs)
+
+    names["beam_step"] = counting
+    try:
+        fn(*args)
+    finally:
+        names["beam_step"] = original
+    return len(calls)
 
 
 def beam_cases() -> list[Case]:
@@ -575,12 +848,32 @@ def beam_cases() -> list[Case]:
         expected = hf_generate(model, prompt, 8, num_beams=num_beams, **hf_settings)
         args = (model, prompt, num_beams, 8, settings)
         cases.append(Case(name, args, expected=expected, seeded=True))
+    uses = (model, prompt, 2, 3, {}, COUNTS_BEAM_STEP)
+    cases.append(
+        Case("beam_search calls beam_step", uses, expected=Flags(USES_BEAM_STEP), seeded=True)
+    )
+    two_prompts = random_prompts(2, 5, seed=861)
+    batch = (model, two_prompts, 2, 3, {}, RAISES)
+    cases.append(Case("a batch of 2 prompts: a ValueError", batch, expected=RAISES, seeded=True))
     return cases
 
 
 for check_id, title, make_cases, call in [
     ("sampling.sample_next_token", "choosing the next token", sampler_cases, call_sampler),
     ("sampling.generate", "generating text", generate_cases, call_generate),
-    ("sampling.beam_search", "beam search", beam_cases, lambda fn, c: fn(*c.args[:4], **c.args[4])),
 ]:
     register(Check(check_id, title, make_cases, call, judge_case=judge_tokens))
+register(
+    Check(
+        "sampling.beam_step",
+        "one step of beam search",
+        beam_step_cases,
+        lambda fn, c: fn(*c.args),
+        judge_case=judge_beam_step,
+    )
+)
+register(
+    Check(
+        "sampling.beam_search", "beam search", beam_cases, call_beam_search, judge_case=judge_tokens
+    )
+)

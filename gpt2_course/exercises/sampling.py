@@ -1,12 +1,13 @@
 """Notebook 07: from logits to text.
 
 Fill in the functions in order: the four logit transforms, `sample_next_token`,
-`generate`, then `beam_search`. Keep the names and signatures: the checks call
+`generate`, then `beam_step` and `beam_search`. Keep the names and signatures: the checks call
 them exactly like this. `check_prompt` (from gpt2_course/prompts.py) is written for you.
 
 Every logit transform takes next-token logits [batch, d_vocab] and returns new
 logits of the same shape, removed tokens set to -inf (probability exactly 0
-after the softmax). None of them may change its input in place.
+after the softmax). None of them may change its input in place, and each returns a
+new tensor even when nothing changes (not the input itself: the caller may change one).
 """
 
 import einops  # noqa: F401  (you will want it)
@@ -119,6 +120,21 @@ def generate(
     raise NotImplementedError("generate: write it in gpt2_course/exercises/sampling.py")
 
 
+def beam_step(
+    scores: Float[Tensor, " beam"], log_probs: Float[Tensor, "beam d_vocab"], num_beams: int
+) -> tuple[Float[Tensor, " candidate"], Int[Tensor, " candidate"], Int[Tensor, " candidate"]]:
+    """One step of beam search: the 2 * num_beams best one-token extensions of the beams.
+
+    `scores[b]` is running beam b's total log-probability so far; `log_probs[b, t]` is the
+    log-probability of token t after beam b. The candidate "beam b, then token t" scores
+    scores[b] + log_probs[b, t]. Rank all beams * d_vocab candidates together (not each
+    beam on its own), take the 2 * num_beams best (every candidate if there are fewer),
+    best first, and return three tensors of that length: their scores, their beam indices
+    and their token indices (split the flat index with // and %).
+    """
+    raise NotImplementedError("beam_step: write it in gpt2_course/exercises/sampling.py")
+
+
 @torch.no_grad()
 def beam_search(
     model: nn.Module,
@@ -137,7 +153,7 @@ def beam_search(
     * start with one running beam, the prompt, with score 0 (its total log-probability);
     * each step: log_softmax of the last position's logits for every running beam,
       added to that beam's score, gives num_running * d_vocab candidates; keep the
-      2 * num_beams best, in order;
+      2 * num_beams best, in order (that is `beam_step`: call it);
     * a candidate whose token is `eos_token_id`, or that reaches `max_new_tokens`,
       is finished: if it is among the first num_beams candidates, add it to the
       finished hypotheses with score total / (number of generated tokens ** length_penalty)

@@ -114,6 +114,18 @@ def generate(
     return sequence
 
 
+def beam_step(
+    scores: Float[Tensor, " beam"], log_probs: Float[Tensor, "beam d_vocab"], num_beams: int
+) -> tuple[Float[Tensor, " candidate"], Int[Tensor, " candidate"], Int[Tensor, " candidate"]]:
+    candidates = (log_probs + scores.unsqueeze(-1)).reshape(-1)
+    best, where = torch.topk(candidates, k=min(candidates.numel(), 2 * num_beams))
+    beam, token = (
+        torch.div(where, log_probs.shape[1], rounding_mode="floor"),
+        where.remainder(log_probs.shape[1]),
+    )
+    return best, beam, token
+
+
 @torch.no_grad()
 def beam_search(
     model: nn.Module,
@@ -137,9 +149,7 @@ def beam_search(
     running, totals = tokens, tokens.new_zeros(1, dtype=torch.float)
     done: list[tuple[Tensor, Tensor]] = []  # (total / length ** length_penalty, sequence)
     for length in range(1, max_new_tokens + 1):
-        scores = totals[:, None] + model(running)[:, -1].log_softmax(dim=-1)
-        best, where = scores.flatten().topk(min(2 * num_beams, scores.numel()))
-        rows, chosen = where // scores.shape[1], where % scores.shape[1]
+        best, rows, chosen = beam_step(totals, model(running)[:, -1].log_softmax(dim=-1), num_beams)
         extended = torch.cat((running[rows], chosen[:, None]), dim=1)
         ends = torch.full_like(chosen, length == max_new_tokens, dtype=torch.bool)
         if eos_token_id is not None:
