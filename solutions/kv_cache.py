@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from gpt2_course import parts
 from gpt2_course.config import TransformerConfig
+from gpt2_course.prompts import check_prompt
 
 
 class KVCache:
@@ -169,17 +170,14 @@ def generate_with_cache(
     """`generate`, with the same arguments and results, running the model on one new token per step.
 
     The prompt goes through the model once, filling the cache; after that only
-    the newest token does. `on_token`, if given, receives each step's tokens
-    [batch] as soon as they are chosen (the CLI streams text with it).
+    the newest token does, and nothing after the last. `on_token`, if given,
+    receives each step's appended tokens [batch] as soon as they are chosen (the
+    CLI streams text with it). The same ValueErrors as `generate`, before anything runs.
     """
+    check_prompt(tokens, max_new_tokens, model)  # before anything runs
     batch, prompt_len = tokens.shape
-    if prompt_len == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if prompt_len + max_new_tokens > model.cfg.n_ctx:
-        raise ValueError(
-            f"the context would be exceeded: {prompt_len} prompt tokens + {max_new_tokens} new "
-            f"tokens > n_ctx={model.cfg.n_ctx}, the most positions the model has embeddings for"
-        )
+    if max_new_tokens == 0:
+        return tokens.clone()  # as generate, without running the model
     generator = (
         torch.Generator(device=tokens.device).manual_seed(seed) if seed is not None else None
     )

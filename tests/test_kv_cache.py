@@ -129,13 +129,53 @@ def test_greedy_margins_in_the_checks_are_far_above_float_noise():
     """The generate_with_cache check compares exact tokens: no near-tie may decide them."""
     model = data.seeded_model()
     for case in data.generate_cached_cases():
-        _, prompt, _, settings = case.args
+        _, prompt, _, settings, _ = case.args
         if not case.seeded or not isinstance(case.expected, torch.Tensor) or len(settings) > 1:
             continue  # sampled, penalised or an error
+        if case.expected.shape[1] == prompt.shape[1]:
+            continue  # nothing generated
         with torch.no_grad():
             logits = model(case.expected[:, :-1])[:, prompt.shape[1] - 1 :]
         top2 = logits.topk(2, dim=-1).values
         assert (top2[..., 0] - top2[..., 1]).min() > 1e-3, case.name
+
+
+def test_the_planted_cache_decides_the_answer():
+    """The forward check's made-up cache must change the logits: code that ignores it fails."""
+    case = next(c for c in data.forward_cases() if c.args[3] is not None)
+    model, tokens, chunks, _ = case.args
+    fresh = data.hf_cached_run(tokens, chunks, None)["logits"]
+    assert (fresh - case.expected["logits"]).abs().max() > 1.0
+
+
+def test_cached_generation_follows_every_rule_of_generate(small, impl):
+    both = random_prompts(2, 5, seed=881)  # greedy rows reach token 64 at steps 3 and 7
+    seen = []
+    cached = impl.generate_with_cache(
+        small, both, 12, temperature=0, eos_token_id=64, on_token=seen.append
+    )
+    uncached = generate(small, both, 12, temperature=0, eos_token_id=64)
+    assert torch.equal(cached, uncached) and cached.shape[1] == 5 + 8  # every row finished
+    assert torch.equal(torch.stack(seen, dim=1), cached[:, 5:])  # eos streamed for row 0
+    assert cached.dtype == torch.long
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        cached = impl.generate_with_cache(small, both, 10)  # no seed: the global generator
+        torch.manual_seed(7)
+        assert torch.equal(cached, generate(small, both, 10))
+    assert torch.equal(impl.generate_with_cache(small, both, 0), both)
+    full = random_prompts(1, 64, seed=3)
+    assert torch.equal(impl.generate_with_cache(small, full, 0), full)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        impl.generate_with_cache(small, both, -1)
+
+
+def test_cached_generation_runs_each_position_once(small, impl):
+    """The prompt once, then one new position per step, and none after the last token."""
+    records = [[] for _ in small.blocks]
+    model = data.recorded_model(data.NoUncachedForward(small), records)
+    impl.generate_with_cache(model, random_prompts(2, 7, seed=1), 5, temperature=0)
+    assert records == [[7, 1, 1, 1, 1]] * len(small.blocks)
 
 
 # ------------------------------------------------------------------ gpt2-course generate

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from gpt2_course import parts  # noqa: F401  (parts.sample_next_token picks the next token)
 from gpt2_course.config import TransformerConfig
+from gpt2_course.prompts import check_prompt  # noqa: F401  (generate_with_cache uses it)
 
 
 class KVCache:
@@ -61,12 +62,13 @@ class KVCache:
     ]:
         """Append the new positions' keys and values to `layer`; return all of that layer's so far.
 
-        Write them into self.keys / self.values after the positions this layer
-        already holds, advance self.filled[layer], and return the filled part of
-        the layer's buffers, shape [batch, n_heads, filled, d_head]. Each layer
+        Copy them into self.keys / self.values after the positions this layer
+        already holds (the caller may reuse its tensors: keep no reference to
+        them), advance self.filled[layer], and return the filled part of the
+        layer's buffers, shape [batch, n_heads, filled, d_head]. Each layer
         counts its own positions. If they would not fit (more than
         self.capacity), raise a ValueError that says the context (n_ctx) is
-        exceeded, before writing anything.
+        exceeded, before changing anything (filled included).
         """
         raise NotImplementedError("KVCache.update: write it in gpt2_course/exercises/kv_cache.py")
 
@@ -94,8 +96,9 @@ def forward_with_cache(
 
     Like your Transformer's forward, with two changes: the new tokens' positions
     start at cache.length (use model.pos_embed.W_pos directly), and each block's
-    attention is `attention_with_cache` (the block's ln1, ln2 and mlp act on each
-    position alone, so call them as they are). Raise a ValueError that says the
+    attention is `attention_with_cache`, which stores each layer's new keys and
+    values once (the block's ln1, ln2 and mlp act on each position alone, so call
+    them as they are: block.ln1(x), ...). Raise a ValueError that says the
     context (n_ctx) is exceeded if cache.length + new_pos > model.cfg.n_ctx.
     """
     raise NotImplementedError("forward_with_cache: write it in gpt2_course/exercises/kv_cache.py")
@@ -117,13 +120,20 @@ def generate_with_cache(
 ) -> Int[Tensor, "batch seq_plus_new"]:
     """`generate` with the same arguments and results, running the model on one new token per step.
 
-    Raise a ValueError naming n_ctx if seq + max_new_tokens > model.cfg.n_ctx.
-    Make a `KVCache(model.cfg, batch, seq + max_new_tokens, device, dtype)`, run
-    the whole prompt through `forward_with_cache` once, then loop: pick the next
+    Start with `check_prompt(tokens, max_new_tokens, model)`, as `generate` does:
+    it raises the documented ValueErrors (an empty prompt, max_new_tokens < 0,
+    seq + max_new_tokens > n_ctx) before anything runs. Make a
+    `KVCache(model.cfg, batch, seq + max_new_tokens, device, dtype)`, run the
+    whole prompt through `forward_with_cache` once, then loop: pick the next
     token from the last position's logits with `parts.sample_next_token` (as in
-    `generate`: the penalty counts generated tokens only; one seeded generator;
-    finished rows get eos; stop when all rows have finished), append it, call
-    `on_token(next_token)` if given, and feed only that token to
-    `forward_with_cache`. Do not call `model(tokens)`.
+    `generate`: the penalty counts generated tokens only; with a seed, one
+    torch.Generator for the whole call, and torch's global generator untouched;
+    without one, the global generator; finished rows get eos; stop when every
+    row has finished), append it, call `on_token(next_token)` if given (the
+    tokens just appended, [batch], before the model runs again), and feed only
+    that token to `forward_with_cache`; after the last token, nothing. So the
+    blocks run on the prompt once, then on 1 position per step (the check counts
+    them), and max_new_tokens = 0 returns the prompt without running the model.
+    Do not call `model(tokens)`.
     """
     raise NotImplementedError("generate_with_cache: write it in gpt2_course/exercises/kv_cache.py")

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from gpt2_course import parts
 from gpt2_course.config import TransformerConfig
+from gpt2_course.prompts import check_prompt
 
 
 def _context_error(what: str, n_ctx: int) -> ValueError:
@@ -114,11 +115,8 @@ def generate_with_cache(
     eos_token_id: int | None = None,
     on_token: Callable[[Int[Tensor, " batch"]], None] | None = None,
 ) -> Int[Tensor, "batch seq_plus_new"]:
+    check_prompt(tokens, max_new_tokens, model)
     batch, prompt = tokens.shape
-    if prompt == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if prompt + max_new_tokens > model.cfg.n_ctx:
-        raise _context_error(f"{prompt} prompt + {max_new_tokens} new tokens", model.cfg.n_ctx)
     W_E = model.embed.W_E
     cache = KVCache(model.cfg, batch, prompt + max_new_tokens, W_E.device, W_E.dtype)
     generator = None if seed is None else torch.Generator(tokens.device).manual_seed(seed)
