@@ -29,10 +29,12 @@ REFERENCE = "gpt2_course.reference_parts"
 
 # Every component a learner builds, as "<module>.<Name>", in course order.
 COMPONENTS = [
+    "bpe.bpe_encode",
     "embeddings.Embedding",
     "embeddings.PositionalEmbedding",
     "embeddings.Unembedding",
     "layernorm.LayerNorm",
+    "attention.single_head_attention",
     "attention.MultiHeadAttention",
     "mlp.gelu_new",
     "mlp.MLP",
@@ -42,16 +44,24 @@ COMPONENTS = [
     "training.next_token_loss",
     "training.configure_optimizer",
     "training.lr_at_step",
+    "training.make_windows",
+    "training.train_step",
     "sampling.apply_temperature",
     "sampling.apply_top_k",
     "sampling.apply_top_p",
     "sampling.apply_frequency_penalty",
     "sampling.sample_next_token",
     "sampling.generate",
+    "sampling.beam_step",
     "sampling.beam_search",
     "kv_cache.KVCache",
     "kv_cache.forward_with_cache",
     "kv_cache.generate_with_cache",
+    "inside.to_hf_state_dict",
+    "inside.induction_score",
+    "inside.previous_token_score",
+    "inside.logit_lens",
+    "inside.ablate_head",
 ]
 _BY_NAME = {component.split(".")[1]: component for component in COMPONENTS}
 

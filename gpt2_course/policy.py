@@ -427,11 +427,18 @@ _TORCH_TRANSFORMERS = (
 # Every check also has the import and escape-hatch rules above; an empty list means
 # those are all it needs (no torch call does the exercise's work for it).
 SHORTCUTS: dict[str, list[Shortcut]] = {
+    # plain Python; the tokenizers that would do it (transformers, tiktoken, the course's
+    # gpt2_course.tokenizer) are refused by the import rules
+    "bpe.bpe_encode": [],
     "embeddings.Embedding": _each("look the rows of W_E up yourself", *_LOOKUPS),
     "embeddings.PositionalEmbedding": _each("take the rows of W_pos yourself", *_LOOKUPS),
     # a matrix product and a bias are the exercise; F.linear is that same product
     "embeddings.Unembedding": [],
     "layernorm.LayerNorm": _each("write the normalisation yourself", *_NORMS),
+    "attention.single_head_attention": [
+        *_each("build the causal mask yourself", *_MASKS),
+        *_each("write the attention yourself", *_ATTENTION, *_TORCH_TRANSFORMERS),
+    ],
     "attention.MultiHeadAttention.apply_causal_mask": _each(
         "build the causal mask yourself", *_MASKS, "torch.nn.attention"
     ),
@@ -467,6 +474,12 @@ SHORTCUTS: dict[str, list[Shortcut]] = {
         "torch.optim.lr_scheduler",
         "torch.optim.swa_utils.SWALR",
     ),
+    # slicing, view, reshape and unfold are all fair: the rule (no overlap, the remainder
+    # dropped, a copy) is the exercise, and the check tests each part of it
+    "training.make_windows": [],
+    # torch.nn.utils.clip_grad_norm_ is the tool the notebook suggests; the order of the
+    # calls is the exercise, and the check compares the parameters after each step
+    "training.train_step": [],
     # torch has no sampler of its own; Hugging Face's are refused by the import rules
     "sampling.apply_temperature": [],
     "sampling.apply_top_k": [],
@@ -474,12 +487,19 @@ SHORTCUTS: dict[str, list[Shortcut]] = {
     "sampling.apply_frequency_penalty": [],
     "sampling.sample_next_token": [],
     "sampling.generate": [],
+    "sampling.beam_step": [],
     "sampling.beam_search": [],
     # the cache is the exercise; attention itself was notebook 03's, so torch's fused
     # F.scaled_dot_product_attention is welcome here (the reference uses it)
     "kv_cache.KVCache": [],
     "kv_cache.forward_with_cache": [],
     "kv_cache.generate_with_cache": [],
+    # notebook 09: indexing, reshaping and hooks are the exercise; torch has no shortcut
+    "inside.to_hf_state_dict": [],
+    "inside.induction_score": [],
+    "inside.previous_token_score": [],
+    "inside.logit_lens": [],
+    "inside.ablate_head": [],
 }
 
 # The exercise file each check's component lives in.

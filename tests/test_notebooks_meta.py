@@ -73,7 +73,100 @@ def kernel_problem(nb: nbformat.NotebookNode) -> str | None:
     return None
 
 
-RULES = [outputs_problem, opening_problem, setup_problem, kernel_problem]
+# Predict-then-reveal questions, time marks on exercises, further reading (issue 11).
+REVEAL = "<details><summary>Reveal</summary>"
+MIN_REVEALS = 3
+EXERCISE_HEADING = re.compile(r"^#{2,4}\s.*\bExercise\b")
+TIME_MARK = re.compile(r"~\s*(\d+)\s*min\b")
+LINK = re.compile(r"\]\(https?://")
+# The total in the opening's "**Time.**" line: "About 60 minutes", "about an hour", "2 hours"
+TOTAL_TIME = re.compile(r"\b(an?|\d+)\s*(?:[-–]\s*(\d+)\s*)?(hours?|h\b|min)", re.I)
+
+
+def markdown_sources(nb: nbformat.NotebookNode) -> list[str]:
+    return [cell.source for cell in nb.cells if cell.cell_type == "markdown"]
+
+
+def reveal_problem(nb: nbformat.NotebookNode) -> str | None:
+    reveals = [text for text in markdown_sources(nb) if REVEAL in text]
+    if len(reveals) < MIN_REVEALS:
+        return (
+            f"{len(reveals)} predict-then-reveal cells, fewer than {MIN_REVEALS}: a markdown "
+            f"cell with the question in bold and the answer in {REVEAL}...</details>"
+        )
+    unasked = [text.splitlines()[0] for text in reveals if not text.lstrip().startswith("**")]
+    if unasked:
+        return f"a reveal cell must open with its question in bold: {unasked[0]!r}"
+    return None
+
+
+def exercise_minutes(nb: nbformat.NotebookNode) -> list[tuple[str, int | None]]:
+    """Each exercise heading, with the minutes marked on it or on the line after it."""
+    found = []
+    for text in markdown_sources(nb):
+        lines = text.splitlines()
+        for i, line in enumerate(lines):
+            if EXERCISE_HEADING.match(line):
+                after = next((rest for rest in lines[i + 1 :] if rest.strip()), "")
+                mark = TIME_MARK.search(line) or TIME_MARK.search(after)
+                found.append((line.strip(), int(mark.group(1)) if mark else None))
+    return found
+
+
+def exercise_time_problem(nb: nbformat.NotebookNode) -> str | None:
+    unmarked = [heading for heading, minutes in exercise_minutes(nb) if minutes is None]
+    if unmarked:
+        return (
+            f"exercise heading without a time mark ('~15 min' beside its difficulty): "
+            f"{unmarked[0]!r}"
+        )
+    return None
+
+
+def total_minutes(opening: str) -> int | None:
+    line = re.search(r"\*\*Time[.:]\*\*(.*)", opening)
+    match = TOTAL_TIME.search(line.group(1)) if line else None
+    if not match:
+        return None
+    amount = 1 if match.group(1).lower() in ("a", "an") else int(match.group(2) or match.group(1))
+    if not match.group(3).lower().startswith("h"):
+        return amount
+    fraction = re.match(r"\s*and a (quarter|half)", line.group(1)[match.end() :])
+    return amount * 60 + {None: 0, "quarter": 15, "half": 30}[fraction and fraction.group(1)]
+
+
+def time_budget_problem(nb: nbformat.NotebookNode) -> str | None:
+    marked = sum(minutes or 0 for _, minutes in exercise_minutes(nb))
+    total = total_minutes(nb.cells[0].source) if nb.cells else None
+    if marked and total is None:
+        return "the opening has no '**Time.** About N minutes' line to compare the exercises with"
+    if marked and marked > total:
+        return (
+            f"the exercises' time marks add up to {marked} min, more than the {total} min "
+            "the opening announces"
+        )
+    return None
+
+
+def further_reading_problem(nb: nbformat.NotebookNode) -> str | None:
+    sections = [t for t in markdown_sources(nb) if re.search(r"^#+\s*Further reading", t, re.M)]
+    if not sections:
+        return "no '## Further reading' section"
+    if len(LINK.findall(sections[-1])) < 2:
+        return "the further-reading section needs at least 2 links"
+    return None
+
+
+RULES = [
+    outputs_problem,
+    opening_problem,
+    setup_problem,
+    kernel_problem,
+    reveal_problem,
+    exercise_time_problem,
+    time_budget_problem,
+    further_reading_problem,
+]
 
 
 @pytest.fixture(params=NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
@@ -109,9 +202,24 @@ def test_notebook_follows_rule(notebook, rule):
 GOOD_OPENING = "# 99 · Topic\n\n**Learning objectives.** ...\n\n**Time.** About 30 minutes."
 
 
-def make_notebook(opening: str = GOOD_OPENING, setup: str = "\n".join(SETUP_CELL)):
+GOOD_REVEAL = f"**Predict: what is 1 + 1?**\n\n{REVEAL}\n\n2.\n</details>"
+GOOD_EXERCISE = "### Exercise 1 · `add` &nbsp; Difficulty: ●○○○○ &nbsp; ~10 min\n\nWrite it."
+GOOD_READING = (
+    "## Further reading\n\n- [A paper](https://arxiv.org/abs/1706.03762)\n"
+    "- [Another](https://arxiv.org/abs/1607.06450)"
+)
+
+
+def make_notebook(
+    opening: str = GOOD_OPENING,
+    setup: str = "\n".join(SETUP_CELL),
+    extra: list[str] | None = None,
+):
+    if extra is None:
+        extra = [GOOD_EXERCISE, *[GOOD_REVEAL] * MIN_REVEALS, GOOD_READING]
     nb = new_notebook(
         cells=[new_markdown_cell(opening), new_code_cell(setup), new_code_cell("1 + 1")]
+        + [new_markdown_cell(text) for text in extra]
     )
     nb.metadata["kernelspec"] = {
         "name": "python3",
@@ -158,3 +266,60 @@ def test_time_estimate_pattern():
         assert TIME_ESTIMATE.search(text), text
     for text in ["No time given.", "Notebook 01", "1024 positions", "12 heads"]:
         assert not TIME_ESTIMATE.search(text), text
+
+
+def test_rules_reject_too_few_or_unasked_reveals():
+    few = make_notebook(extra=[GOOD_EXERCISE, GOOD_REVEAL, GOOD_REVEAL, GOOD_READING])
+    assert "fewer than 3" in reveal_problem(few)
+    unasked = GOOD_REVEAL.replace("**Predict: what is 1 + 1?**", "What is 1 + 1?")
+    nb = make_notebook(extra=[GOOD_REVEAL, GOOD_REVEAL, unasked, GOOD_READING])
+    assert "in bold" in reveal_problem(nb)
+
+
+@pytest.mark.parametrize(
+    "exercise",
+    [
+        "### Exercise 1 · `add` &nbsp; Difficulty: ●○○○○",
+        "### Exercise 2: `add`\n\nDifficulty: ●●○○○\n\nWrite it.",
+    ],
+)
+def test_rules_reject_an_exercise_without_a_time_mark(exercise):
+    nb = make_notebook(extra=[exercise, *[GOOD_REVEAL] * 3, GOOD_READING])
+    assert "time mark" in exercise_time_problem(nb)
+
+
+def test_time_mark_on_the_line_after_the_heading():
+    exercise = "### Exercise 2: `add`\n\nDifficulty: ●●○○○ &nbsp; ~25 min\n\nWrite it."
+    nb = make_notebook(extra=[exercise, *[GOOD_REVEAL] * 3, GOOD_READING])
+    assert exercise_minutes(nb) == [("### Exercise 2: `add`", 25)]
+    assert exercise_time_problem(nb) is None
+
+
+def test_rules_reject_exercises_longer_than_the_notebook():
+    long = GOOD_EXERCISE.replace("~10 min", "~25 min")
+    nb = make_notebook(extra=[long, long, *[GOOD_REVEAL] * 3, GOOD_READING])
+    assert "50 min" in time_budget_problem(nb)  # the opening says 30 minutes
+
+
+@pytest.mark.parametrize(
+    "line, minutes",
+    [
+        ("**Time.** About 60 minutes: 20 exploring, 30 for exercises.", 60),
+        ("**Time.** About an hour: 30 minutes for the three exercises.", 60),
+        ("**Time:** about 75 minutes.", 75),
+        ("**Time.** About 2 hours: 90 minutes for the exercises.", 120),
+        ("**Time.** 40-50 minutes.", 50),
+        ("**Time.** About an hour and a quarter: 50 minutes for the exercises.", 75),
+        ("**Time.** About 1 hour and a half.", 90),
+    ],
+)
+def test_total_minutes(line, minutes):
+    assert total_minutes(f"# Title\n\n{line}") == minutes
+
+
+def test_rules_reject_missing_or_thin_further_reading():
+    nb = make_notebook(extra=[*[GOOD_REVEAL] * 3])
+    assert "no '## Further reading'" in further_reading_problem(nb)
+    thin = "## Further reading\n\n- [Only one](https://arxiv.org/abs/1706.03762)"
+    nb = make_notebook(extra=[*[GOOD_REVEAL] * 3, thin])
+    assert "at least 2 links" in further_reading_problem(nb)
