@@ -494,12 +494,6 @@ SHORTCUTS: dict[str, list[Shortcut]] = {
     "kv_cache.KVCache": [],
     "kv_cache.forward_with_cache": [],
     "kv_cache.generate_with_cache": [],
-    # notebook 09: indexing, reshaping and hooks are the exercise; torch has no shortcut
-    "inside.to_hf_state_dict": [],
-    "inside.induction_score": [],
-    "inside.previous_token_score": [],
-    "inside.logit_lens": [],
-    "inside.ablate_head": [],
 }
 
 # The exercise file each check's component lives in.

@@ -562,7 +562,7 @@ def train(
     `data`: a `gpt2_course.data.TokenData` to reuse (else it is loaded from config.data).
     `resume`: continue from the checkpoint in config.out_dir when there is one.
     `on_eval`: called with the model at every evaluation; what it returns joins that row
-    of the history (notebook 09 records attention scores so).
+    of the history (e.g. attention scores measured as training goes).
     """
     from tqdm.auto import tqdm
 

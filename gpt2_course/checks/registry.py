@@ -45,7 +45,6 @@ CHECK_MODULES = [
     "training",
     "sampling",
     "kv_cache",
-    "inside",
 ]
 HERE = Path(__file__).parent
 IN_PLACE = (
