@@ -113,7 +113,7 @@ def _course_internal(filename: str) -> bool:
     path = _path(filename)
     if path.startswith("<") or "/site-packages/" in path or "/dist-packages/" in path:
         return True
-    if path.startswith(_STDLIB) or (_SOLUTIONS is not None and path.startswith(_SOLUTIONS)):
+    if path.startswith(_STDLIB) or _in_solutions(filename):
         return True
     return "/gpt2_course/" in path and "/gpt2_course/exercises/" not in path
 
@@ -122,6 +122,10 @@ def _path(filename: str) -> str:
     """A frame's file as an absolute path with forward slashes ("<...>" names kept)."""
     path = filename if filename.startswith("<") else os.path.abspath(filename)
     return path.replace("\\", "/")
+
+
+def _in_solutions(filename: str) -> bool:
+    return _SOLUTIONS is not None and _path(filename).startswith(_SOLUTIONS)
 
 
 def _solutions_folder() -> str | None:
@@ -145,7 +149,7 @@ def describe_exception(error: BaseException) -> str:
     frames = traceback.extract_tb(error.__traceback__)
     mine = (
         [f for f in frames if not _course_internal(f.filename)]
-        or [f for f in frames if _SOLUTIONS and _path(f.filename).startswith(_SOLUTIONS)]
+        or [f for f in frames if _in_solutions(f.filename)]
         or [f for f in frames if "/gpt2_course/checks/" not in _path(f.filename)]
     )
     where = ""
@@ -154,7 +158,7 @@ def describe_exception(error: BaseException) -> str:
         short = "/".join(frame.filename.replace("\\", "/").split("/")[-3:])
         where = f"\n  raised at {short}, line {frame.lineno}: {(frame.line or '').strip()}"
         deeper = frames[frames.index(frame) + 1 :]
-        if _SOLUTIONS and any(_path(f.filename).startswith(_SOLUTIONS) for f in deeper):
+        if any(_in_solutions(f.filename) for f in deeper):
             where += "\n  (inside the reference solution your code called there)"
     message = str(error).strip() or "(no message)"
     return f"{type(error).__name__}: {message}{where}"
