@@ -57,6 +57,11 @@ COMPONENTS = [
     "kv_cache.KVCache",
     "kv_cache.forward_with_cache",
     "kv_cache.generate_with_cache",
+    "inside.to_hf_state_dict",
+    "inside.previous_token_score",
+    "inside.induction_score",
+    "inside.logit_lens",
+    "inside.ablate_head",
 ]
 _BY_NAME = {component.split(".")[1]: component for component in COMPONENTS}
 

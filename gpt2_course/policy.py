@@ -494,6 +494,15 @@ SHORTCUTS: dict[str, list[Shortcut]] = {
     "kv_cache.KVCache": [],
     "kv_cache.forward_with_cache": [],
     "kv_cache.generate_with_cache": [],
+    # renaming and reshaping tensors is the exercise, as in load_gpt2_weights; Hugging Face's
+    # and TransformerLens's own converters are refused by the import rules
+    "inside.to_hf_state_dict": [],
+    # indexing an attention pattern is the exercise; no torch call does it
+    "inside.previous_token_score": [],
+    "inside.induction_score": [],
+    "inside.logit_lens": _each("normalise with the model's own ln_final", *_NORMS),
+    # the hook is the exercise; the model it is given brings run_with_hooks
+    "inside.ablate_head": [],
 }
 
 # The exercise file each check's component lives in.

@@ -122,6 +122,8 @@ def check_gpt2_state_dict(
     expected = gpt2_shapes(cfg)
     if "lm_head.weight" in sd:
         expected["lm_head.weight"] = (cfg.d_vocab, cfg.d_model)
+    if "lm_head.bias" in sd:  # GPT-2 has none; a course model's own unembedding has b_U
+        expected["lm_head.bias"] = (cfg.d_vocab,)
     fix = (
         f"The checkpoint has {_describe(sd)}; the model was built for {_describe_cfg(cfg)}. "
         "Build the model with a TransformerConfig that matches the checkpoint "

@@ -50,9 +50,9 @@ def gpt2_weights(hf_state_dict: dict[str, Tensor], cfg: TransformerConfig) -> di
         "ln_final.w": sd["ln_f.weight"],
         "ln_final.b": sd["ln_f.bias"],
         # GPT-2 ties the unembedding to the embedding (lm_head.weight is wte.weight)
-        # and has no unembedding bias.
+        # and has no unembedding bias; a course model's own (notebook 09) may have one.
         "unembed.W_U": sd.get("lm_head.weight", sd["wte.weight"]).T,
-        "unembed.b_U": torch.zeros(cfg.d_vocab),
+        "unembed.b_U": sd.get("lm_head.bias", torch.zeros(cfg.d_vocab)),
     }
     for layer in range(cfg.n_layers):
         hf, ours = f"h.{layer}.", f"blocks.{layer}."

@@ -45,6 +45,7 @@ CHECK_MODULES = [
     "training",
     "sampling",
     "kv_cache",
+    "inside",
 ]
 HERE = Path(__file__).parent
 IN_PLACE = (

@@ -53,7 +53,7 @@ def gpt2_weights(hf_state_dict: dict[str, Tensor], cfg: TransformerConfig) -> di
         "ln_final.w": sd["ln_f.weight"],
         "ln_final.b": sd["ln_f.bias"],
         "unembed.W_U": sd.get("lm_head.weight", sd["wte.weight"]).T,  # tied to W_E in GPT-2
-        "unembed.b_U": sd["wte.weight"].new_zeros(cfg.d_vocab),
+        "unembed.b_U": sd.get("lm_head.bias", sd["wte.weight"].new_zeros(cfg.d_vocab)),
     }
     for name, value in sd.items():
         match = re.fullmatch(r"h\.(\d+)\.(.+)", name)
