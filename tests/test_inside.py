@@ -324,3 +324,19 @@ def test_the_run_side_needs_no_transformer_lens(check_id, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{check_id} " in result.stdout
+
+
+def test_logit_lens_must_not_feed_a_stack_of_layers_to_ln_final():
+    """The course's LayerNorm and Unembedding take [batch, pos, d_model]: a lens that hands
+    them the 4-d stack in one call fails on the learner's own parts in notebook 09, so the
+    check's model refuses it too, with a message that says what to do."""
+
+    def one_call(cache, model):
+        n = model.cfg.n_layers
+        rows = [cache[f"blocks.{layer}.hook_resid_pre"] for layer in range(n)]
+        stack = torch.stack([*rows, cache[f"blocks.{n - 1}.hook_resid_post"]])
+        return model.unembed(model.ln_final(stack))
+
+    text = feedback("inside.logit_lens", one_call)
+    assert "model.ln_final was called on a 4-d tensor" in text
+    assert "one layer's residual stream at a time" in text

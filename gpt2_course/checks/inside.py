@@ -311,7 +311,30 @@ def call_logit_lens(fn: Any, case: Case) -> Any:
     """The function on a copy of the cache (a plain dict) and a reference Transformer."""
     model = filled_model(case)
     (activations,) = case.args
-    return fn({name: t.clone() for name, t in activations.items()}, model)
+    # The contract's LayerNorm and Unembedding take [batch, pos, d_model]; the learner's own
+    # (notebook 09 runs the lens on them) may not take a stack of layers, so neither may these.
+    guards = [
+        part.register_forward_pre_hook(_three_dimensional(name))
+        for name, part in [("ln_final", model.ln_final), ("unembed", model.unembed)]
+    ]
+    try:
+        return fn({name: t.clone() for name, t in activations.items()}, model)
+    finally:
+        for guard in guards:
+            guard.remove()
+
+
+def _three_dimensional(name: str) -> Any:
+    def guard(_module: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], Tensor) and args[0].dim() != 3:
+            raise ValueError(
+                f"model.{name} was called on a {args[0].dim()}-d tensor of shape "
+                f"{list(args[0].shape)}; the course's {name} takes [batch, pos, d_model]. "
+                "Apply it to one layer's residual stream at a time (or fold the layers into "
+                "the batch)"
+            )
+
+    return guard
 
 
 def judge_logit_lens(outcome: Outcome, case: Case) -> str | None:

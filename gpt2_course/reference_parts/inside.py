@@ -77,8 +77,9 @@ def logit_lens(
     """The logits read off the residual stream before every block and after the last."""
     n = model.cfg.n_layers
     rows = [cache[f"blocks.{layer}.hook_resid_pre"] for layer in range(n)]
-    stack = torch.stack([*rows, cache[f"blocks.{n - 1}.hook_resid_post"]])
-    return model.unembed(model.ln_final(stack))
+    rows.append(cache[f"blocks.{n - 1}.hook_resid_post"])
+    # one row at a time: the course's ln_final and unembed take [batch, pos, d_model]
+    return torch.stack([model.unembed(model.ln_final(row)) for row in rows])
 
 
 def ablate_head(

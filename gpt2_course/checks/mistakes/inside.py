@@ -175,37 +175,42 @@ def resid_rows(cache, n_layers, pre=True, post=False):
     return torch.stack(rows)
 
 
+def each_row(part, stack):
+    """`part` (ln_final or unembed, which take [batch, pos, d_model]) on every layer's row."""
+    return torch.stack([part(row) for row in stack])
+
+
 def lens_without_ln_final(cache, model):
-    return model.unembed(resid_rows(cache, model.cfg.n_layers))
+    return each_row(model.unembed, resid_rows(cache, model.cfg.n_layers))
 
 
 def lens_cached_scale(cache, model):
     stack = resid_rows(cache, model.cfg.n_layers)
     centred = stack - stack.mean(dim=-1, keepdim=True)
     ln = model.ln_final
-    return model.unembed(centred / cache["ln_final.hook_scale"] * ln.w + ln.b)
+    return each_row(model.unembed, centred / cache["ln_final.hook_scale"] * ln.w + ln.b)
 
 
 def lens_without_w_b(cache, model):
     stack = resid_rows(cache, model.cfg.n_layers)
     centred = stack - stack.mean(dim=-1, keepdim=True)
     variance = centred.pow(2).mean(dim=-1, keepdim=True)
-    return model.unembed(centred / torch.sqrt(variance + model.cfg.layer_norm_eps))
+    return each_row(model.unembed, centred / torch.sqrt(variance + model.cfg.layer_norm_eps))
 
 
 def lens_after_each_block(cache, model):
     stack = resid_rows(cache, model.cfg.n_layers, pre=False, post=True)
-    return model.unembed(model.ln_final(stack))
+    return each_row(model.unembed, each_row(model.ln_final, stack))
 
 
 def lens_without_final_row(cache, model):
     n = model.cfg.n_layers
     stack = torch.stack([cache[f"blocks.{i}.hook_resid_pre"] for i in range(n)])
-    return model.unembed(model.ln_final(stack))
+    return each_row(model.unembed, each_row(model.ln_final, stack))
 
 
 def lens_without_b_U(cache, model):
-    return model.ln_final(resid_rows(cache, model.cfg.n_layers)) @ model.unembed.W_U
+    return each_row(model.ln_final, resid_rows(cache, model.cfg.n_layers)) @ model.unembed.W_U
 
 
 # ------------------------------------------------------------------ ablating a head
