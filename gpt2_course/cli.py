@@ -6,7 +6,12 @@ import sys
 from collections.abc import Sequence
 
 # Modules that add their own subcommand through `add_cli(subparsers)`.
-PLUGINS = ["gpt2_course.trainer", "gpt2_course.generation", "gpt2_course.release"]
+PLUGINS = [
+    "gpt2_course.trainer",
+    "gpt2_course.generation",
+    "gpt2_course.release",
+    "gpt2_course.colab",
+]
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from gpt2_course import colab
+
 NOTEBOOKS_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 # The notebooks this test was written with; later ones are picked up by the glob.
@@ -23,6 +25,11 @@ SETUP_CELL = [
 ]
 # "About 20 minutes", "~45 min", "1 hour", "30-40 minutes", ...
 TIME_ESTIMATE = re.compile(r"\d+\s*(?:[-–]\s*\d+\s*)?(?:min(?:ute)?s?|h(?:ours?)?)\b", re.I)
+
+
+# Every notebook opens with a link to itself on Colab and, as its first code cell, the Colab
+# bootstrap pinned to the same ref (`gpt2-course colab-stamp REF` writes both).
+URL = colab.repository_url()
 
 
 def lines(source: str) -> list[str]:
@@ -49,7 +56,7 @@ def outputs_problem(nb: nbformat.NotebookNode) -> str | None:
 def opening_problem(nb: nbformat.NotebookNode) -> str | None:
     if not nb.cells or nb.cells[0].cell_type != "markdown":
         return "the first cell must be markdown"
-    text = nb.cells[0].source
+    text = colab.BADGE.sub("", nb.cells[0].source, count=1)
     if not text.lstrip().startswith("#"):
         return "the first cell must start with a title"
     if not re.search(r"learning objectives", text, re.I):
@@ -61,8 +68,26 @@ def opening_problem(nb: nbformat.NotebookNode) -> str | None:
 
 def setup_problem(nb: nbformat.NotebookNode) -> str | None:
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
-    if not code or lines(code[0].source) != SETUP_CELL:
-        return "the first code cell must be exactly:\n" + "\n".join(SETUP_CELL)
+    if len(code) < 2 or lines(code[1].source) != SETUP_CELL:
+        return "the code cell after the Colab cell must be exactly:\n" + "\n".join(SETUP_CELL)
+    return None
+
+
+def colab_problem(nb: nbformat.NotebookNode) -> str | None:
+    restamp = "; run `gpt2-course colab-stamp REF`"
+    link = colab.badge_link(nb)
+    if link is None:
+        return "the first markdown cell must open with an [Open in Colab](...) link" + restamp
+    url, ref = colab.stamped(nb)
+    if ref is None:
+        return "the first code cell must be the Colab bootstrap cell" + restamp
+    code = next(cell for cell in nb.cells if cell.cell_type == "code")
+    if code.source != colab.bootstrap_cell(url, ref):
+        return "the Colab cell differs from gpt2_course/colab.py's colab_bootstrap" + restamp
+    if url != URL:
+        return f"the Colab cell installs from {url}, not pyproject.toml's {URL}" + restamp
+    if not link.startswith(colab.colab_link(url, ref, "")):
+        return f"the Colab link {link} is not for {ref}, the Colab cell's ref" + restamp
     return None
 
 
@@ -161,6 +186,7 @@ RULES = [
     outputs_problem,
     opening_problem,
     setup_problem,
+    colab_problem,
     kernel_problem,
     reveal_problem,
     exercise_time_problem,
@@ -185,6 +211,16 @@ def test_names_follow_nn_topic():
     assert not bad, f"notebooks must be named NN_topic.ipynb: {bad}"
 
 
+def test_every_notebook_links_itself_on_colab_at_one_ref():
+    pins = {}
+    for path in NOTEBOOKS:
+        nb = nbformat.read(path, as_version=4)
+        url, ref = colab.stamped(nb)
+        assert colab.badge_link(nb) == colab.colab_link(URL, ref, path.name), path.name
+        pins[path.name] = (url, ref)
+    assert len(set(pins.values())) == 1, f"notebooks pinned to different refs: {pins}"
+
+
 def test_notebook_is_valid(notebook):
     name, nb = notebook
     nbformat.validate(nb)
@@ -199,7 +235,10 @@ def test_notebook_follows_rule(notebook, rule):
 
 # The rules themselves catch what they should: a good notebook passes, each bad one fails.
 
-GOOD_OPENING = "# 99 · Topic\n\n**Learning objectives.** ...\n\n**Time.** About 30 minutes."
+GOOD_BADGE = colab.badge(URL, "v9.9", "99_topic.ipynb")
+GOOD_OPENING = (
+    GOOD_BADGE + "# 99 · Topic\n\n**Learning objectives.** ...\n\n**Time.** About 30 minutes."
+)
 
 
 GOOD_REVEAL = f"**Predict: what is 1 + 1?**\n\n{REVEAL}\n\n2.\n</details>"
@@ -218,7 +257,12 @@ def make_notebook(
     if extra is None:
         extra = [GOOD_EXERCISE, *[GOOD_REVEAL] * MIN_REVEALS, GOOD_READING]
     nb = new_notebook(
-        cells=[new_markdown_cell(opening), new_code_cell(setup), new_code_cell("1 + 1")]
+        cells=[
+            new_markdown_cell(opening),
+            new_code_cell(colab.bootstrap_cell(URL, "v9.9")),
+            new_code_cell(setup),
+            new_code_cell("1 + 1"),
+        ]
         + [new_markdown_cell(text) for text in extra]
     )
     nb.metadata["kernelspec"] = {
@@ -236,11 +280,11 @@ def test_rules_accept_a_good_notebook():
 
 def test_rules_reject_outputs_and_execution_counts():
     nb = make_notebook()
-    nb.cells[2].execution_count = 3
-    assert "[2]" in outputs_problem(nb)
+    nb.cells[3].execution_count = 3
+    assert "[3]" in outputs_problem(nb)
     nb = make_notebook()
-    nb.cells[2].outputs = [nbformat.v4.new_output("stream", name="stdout", text="2\n")]
-    assert "[2]" in outputs_problem(nb)
+    nb.cells[3].outputs = [nbformat.v4.new_output("stream", name="stdout", text="2\n")]
+    assert "[3]" in outputs_problem(nb)
 
 
 @pytest.mark.parametrize(
@@ -256,7 +300,8 @@ def test_rules_reject_a_bad_opening(opening, expected):
 
 
 def test_rules_reject_a_different_setup_cell():
-    assert setup_problem(make_notebook(setup="from gpt2_course.notebook import setup\nsetup()"))
+    problem = setup_problem(make_notebook(setup="from gpt2_course.notebook import setup\nsetup()"))
+    assert "after the Colab cell must be exactly" in problem
     # trailing spaces and a final newline are fine
     assert setup_problem(make_notebook(setup="\n".join(SETUP_CELL) + "  \n")) is None
 
@@ -323,3 +368,23 @@ def test_rules_reject_missing_or_thin_further_reading():
     thin = "## Further reading\n\n- [Only one](https://arxiv.org/abs/1706.03762)"
     nb = make_notebook(extra=[*[GOOD_REVEAL] * 3, thin])
     assert "at least 2 links" in further_reading_problem(nb)
+
+
+def test_rules_reject_a_notebook_without_its_colab_link_or_cell():
+    nb = make_notebook(opening=GOOD_OPENING.removeprefix(GOOD_BADGE))
+    assert "[Open in Colab](...) link" in colab_problem(nb)
+    nb = make_notebook()
+    del nb.cells[1]
+    assert "first code cell must be the Colab bootstrap" in colab_problem(nb)
+    assert "after the Colab cell" in setup_problem(nb)  # the setup cell came first
+
+
+def test_rules_reject_a_colab_cell_that_drifted():
+    nb = make_notebook()
+    nb.cells[1].source = nb.cells[1].source.replace("--quiet", "-q", 1)
+    assert "differs from gpt2_course/colab.py" in colab_problem(nb)
+    nb = make_notebook()
+    nb.cells[1].source = colab.bootstrap_cell("https://github.com/someone/fork", "v9.9")
+    assert "not pyproject.toml's" in colab_problem(nb)
+    nb = make_notebook(opening=GOOD_OPENING.replace("/v9.9/", "/v1.0/"))
+    assert "is not for v9.9" in colab_problem(nb)
