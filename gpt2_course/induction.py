@@ -1,11 +1,12 @@
 """Induction heads that form on a CPU (notebook 09): the data, the run and its pictures.
 
 A 2-layer model of the course (your `Transformer`, or the reference one) learns to
-continue sequences of random tokens in which a block of random length repeats to the
-end of the window. The first pass through the block cannot be predicted: its loss
-stays near ln(d_vocab). Every later token can, once the model looks back for the
-previous occurrence of the current token and copies what came after it: an induction
-head in layer 1, fed by a previous-token head in layer 0.
+continue windows in which a block of fresh random tokens is written twice in a row, at a
+random place and of random length, among filler that follows a small local rule. The
+first copy of the block cannot be predicted: its loss stays near ln(d_vocab). The second
+can, once the model looks back for the previous occurrence of the current token and
+copies what came after it: an induction head in layer 1, fed by a previous-token head in
+layer 0 (or a variant of that circuit: notebook 09 measures which one a run found).
 
 The run is the course's own trainer (`gpt2_course.trainer.train`) with a fixed pool of
 such sequences as its `TokenData`; `head_scores` is its `on_eval`, so every row of the
@@ -31,14 +32,18 @@ from gpt2_course.trainer import TrainConfig, TrainResult, quick_mode, train
 # ------------------------------------------------------------------ settings (one place)
 
 INDUCTION_MODEL = TransformerConfig(
-    d_model=64, n_heads=4, d_head=16, d_mlp=256, n_layers=2, n_ctx=48, d_vocab=128
-)
+    d_model=64, n_heads=4, d_head=16, d_mlp=256, n_layers=2, n_ctx=48, d_vocab=64,
+    # GPT-2's 0.02 suits 768 dimensions; at 64, weights that small leave every attention
+    # pattern flat for thousands of steps. 1 / sqrt(d_model) starts the run where it can move.
+    init_range=0.125,
+)  # fmt: skip
 FULL: dict[str, Any] = dict(
-    steps=3000,
-    batch_size=64,
+    steps=5000,
+    batch_size=16,
     max_lr=3e-3,
+    min_lr=1e-3,
     weight_decay=0.01,
-    warmup_steps=50,
+    warmup_steps=100,
     eval_interval=100,
     eval_windows=64,
 )
@@ -50,37 +55,67 @@ MAX_POOL = 65_536  # training sequences held at most (steps * batch_size below t
 VAL_SEQUENCES = 512
 DATA_SEED, PROBE_SEED = 1234, 99
 PROBE_BATCH = 64  # probe sequences scored at every evaluation
+LOCAL_RULE = 0.5  # how often a filler token follows the local rule (see induction_windows)
+RULE_SEED = 7
 # An induction score this high is far above a head that spreads its attention evenly over
 # the visible positions (about 0.03 on the probe): an induction head.
 FORMED_SCORE = 0.3
 
 
 def probe_half(cfg: TransformerConfig = INDUCTION_MODEL) -> int:
-    """The probe's block length: two copies fill the context window."""
-    return cfg.n_ctx // 2
+    """The probe's block length: the longest block of the training windows."""
+    return block_lengths(cfg.n_ctx)[1]
 
 
 # ------------------------------------------------------------------ data
 
 
-def periodic_tokens(n: int, n_ctx: int, d_vocab: int, seed: int) -> Int[Tensor, "n n_ctx"]:
-    """`n` windows of random tokens in which, from a random offset in [0, n_ctx // 4], a
-    random block of random length in [4, n_ctx // 2] repeats to the end of the window.
+def block_lengths(n_ctx: int) -> tuple[int, int]:
+    """The shortest and longest repeated block: a sixth to a third of the window, so that
+    there is always filler around it for the local rule."""
+    return max(1, n_ctx // 6), n_ctx // 3
 
-    The block's length and start vary from window to window, so no fixed positional
-    offset predicts the repeats: only finding the previous occurrence of the current
-    token and copying its successor does.
+
+def induction_windows(
+    n: int,
+    n_ctx: int,
+    d_vocab: int,
+    seed: int,
+    lengths: tuple[int, int] | None = None,
+    local_rule: float = LOCAL_RULE,
+) -> Int[Tensor, "n n_ctx"]:
+    """`n` training windows: filler with a little local structure, and in each window a block
+    of fresh random tokens written twice in a row, of a random length in `lengths` (both
+    ends included; default `block_lengths(n_ctx)`) and at a random place.
+
+    The filler's local rule: each token is, with probability `local_rule`, a fixed shuffle of
+    the token two places before it (else random). So looking at the previous token pays off
+    on its own, as it does in text; without that, a previous-token head is useful only to
+    an induction head not yet there, and the two take many times longer to appear together.
+    The block itself is pure random: a rule inside it would put the shuffle of the current
+    token two places after its earlier occurrence, a cue to look for instead of induction.
+    As the block's length and place vary, no fixed positional offset finds the repeats.
     """
-    if n_ctx < 8:
-        raise ValueError(f"n_ctx={n_ctx} is too short for blocks of 4 or more tokens")
+    shortest, longest = lengths or block_lengths(n_ctx)
+    if not 1 <= shortest <= longest or 2 * longest > n_ctx:
+        raise ValueError(
+            f"blocks of {shortest} to {longest} tokens, written twice, do not fit n_ctx={n_ctx}"
+        )
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, d_vocab, (n, n_ctx), generator=generator)
-    length = torch.randint(4, n_ctx // 2 + 1, (n, 1), generator=generator)
-    offset = torch.randint(0, n_ctx // 4 + 1, (n, 1), generator=generator)
+    shuffle = torch.randperm(d_vocab, generator=torch.Generator().manual_seed(RULE_SEED))
+    follows_rule = torch.rand(n, n_ctx, generator=generator) < local_rule
+    for t in range(2, n_ctx):
+        tokens[:, t] = torch.where(follows_rule[:, t], shuffle[tokens[:, t - 2]], tokens[:, t])
+    length = torch.randint(shortest, longest + 1, (n, 1), generator=generator)
+    start = (torch.rand(n, 1, generator=generator) * (n_ctx - 2 * length + 1)).long()
     pos = torch.arange(n_ctx).expand(n, n_ctx)
-    # from the offset on, position p copies position offset + (p - offset) mod length
-    source = torch.where(pos >= offset, offset + (pos - offset) % length, pos)
-    return tokens.gather(1, source)
+    first = (pos >= start) & (pos < start + length)
+    fresh = torch.randint(0, d_vocab, (n, n_ctx), generator=generator)
+    tokens = torch.where(first, fresh, tokens)
+    # the second copy: position p takes the token `length` places before it
+    second = (pos >= start + length) & (pos < start + 2 * length)
+    return tokens.gather(1, torch.where(second, pos - length, pos))
 
 
 def repeated_tokens(
@@ -96,18 +131,18 @@ def repeated_tokens(
 
 
 def induction_data(config: TrainConfig) -> TokenData:
-    """A fixed pool of periodic windows: one per sequence the run draws, up to MAX_POOL."""
+    """A fixed pool of training windows: one per sequence the run draws, up to MAX_POOL."""
     cfg = config.model
     n_train = min(config.steps * config.batch_size, MAX_POOL)
-    train_windows = periodic_tokens(n_train, cfg.n_ctx, cfg.d_vocab, seed=DATA_SEED + config.seed)
-    val = periodic_tokens(VAL_SEQUENCES, cfg.n_ctx, cfg.d_vocab, seed=DATA_SEED + config.seed + 1)
+    train_windows = induction_windows(n_train, cfg.n_ctx, cfg.d_vocab, DATA_SEED + config.seed)
+    val = induction_windows(VAL_SEQUENCES, cfg.n_ctx, cfg.d_vocab, DATA_SEED + config.seed + 1)
     return TokenData(
         train=train_windows,
         val=val,
         source="induction",
         description=(
-            f"random tokens, a block of 4 to {cfg.n_ctx // 2} repeated "
-            f"(vocabulary of {cfg.d_vocab})"
+            "tokens with a local rule, a random block of {} to {} written twice "
+            "(vocabulary of {})".format(*block_lengths(cfg.n_ctx), cfg.d_vocab)
         ),
         n_documents=n_train + VAL_SEQUENCES,
         n_tokens=(n_train + VAL_SEQUENCES) * cfg.n_ctx,
@@ -309,7 +344,7 @@ __all__ = [
     "induction_config",
     "induction_formed",
     "induction_data",
-    "periodic_tokens",
+    "induction_windows",
     "plot_half_losses",
     "plot_head_scores",
     "probe_half",

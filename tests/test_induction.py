@@ -17,7 +17,7 @@ from gpt2_course.induction import (
     induction_config,
     induction_data,
     induction_formed,
-    periodic_tokens,
+    induction_windows,
     plot_half_losses,
     plot_head_scores,
     repeated_tokens,
@@ -36,36 +36,53 @@ def solutions():
         yield
 
 
-def _period_and_offset(row: torch.Tensor) -> tuple[int, int] | None:
-    """The smallest (length >= 4, offset) for which row[p] == row[p - length] from
-    offset + length on: the structure periodic_tokens promises."""
+def _block(row: torch.Tensor) -> tuple[int, int] | None:
+    """The (length, start) of a block written twice in a row, longest first."""
     n = len(row)
-    for offset in range(n // 4 + 1):
-        for length in range(4, n // 2 + 1):
-            if torch.equal(row[offset + length :], row[offset : n - length]):
-                return length, offset
+    for length in range(n // 2, 1, -1):
+        for start in range(n - 2 * length + 1):
+            if torch.equal(row[start : start + length], row[start + length : start + 2 * length]):
+                return length, start
     return None
 
 
-def test_periodic_tokens_repeat_a_block_to_the_end():
-    tokens = periodic_tokens(200, 48, 128, seed=0)
-    assert tokens.shape == (200, 48) and tokens.dtype == torch.long
-    assert 0 <= tokens.min() and tokens.max() < 128
-    found = [_period_and_offset(row) for row in tokens]
-    assert all(f is not None for f in found), "every window repeats a block to its end"
-    lengths = {f[0] for f in found}
-    offsets = {f[1] for f in found}
-    # lengths and starts vary, so a fixed positional offset cannot predict the repeats
-    assert len(lengths) > 10 and max(lengths) <= 24
-    assert len(offsets) > 5 and max(offsets) <= 12
+def test_induction_windows_hold_a_block_written_twice():
+    tokens = induction_windows(300, 32, 64, seed=0, lengths=(8, 16))
+    assert tokens.shape == (300, 32) and tokens.dtype == torch.long
+    assert 0 <= tokens.min() and tokens.max() < 64
+    found = [_block(row) for row in tokens]
+    assert all(f is not None for f in found), "every window repeats a block"
+    lengths, starts = {f[0] for f in found}, {f[1] for f in found}
+    # lengths and places vary, so no fixed positional offset predicts the repeats
+    assert lengths == set(range(8, 17))
+    assert len(starts) > 10
 
 
-def test_periodic_tokens_are_seeded():
-    a = periodic_tokens(8, 32, 50, seed=3)
-    assert torch.equal(a, periodic_tokens(8, 32, 50, seed=3))
-    assert not torch.equal(a, periodic_tokens(8, 32, 50, seed=4))
-    with pytest.raises(ValueError, match="too short"):
-        periodic_tokens(2, 6, 50, seed=0)
+def test_induction_windows_filler_follows_the_local_rule_half_the_time():
+    """Outside the block, token t is shuffle[token t-2] about half the time; inside the
+    block's first copy only by chance (1 / d_vocab)."""
+    d_vocab = 64
+    tokens = induction_windows(2000, 40, d_vocab, seed=1, lengths=(6, 12))
+    shuffle = torch.randperm(d_vocab, generator=torch.Generator().manual_seed(induction.RULE_SEED))
+    in_block = torch.zeros_like(tokens, dtype=torch.bool)
+    for i, row in enumerate(tokens):
+        length, start = _block(row)
+        in_block[i, start : start + 2 * length] = True
+    follows = tokens[:, 2:] == shuffle[tokens[:, :-2]]
+    filler = ~in_block[:, 2:] & ~in_block[:, :-2]
+    block = in_block[:, 2:] & in_block[:, :-2]
+    rate_filler = follows[filler].float().mean().item()
+    rate_block = follows[block].float().mean().item()
+    assert 0.45 < rate_filler < 0.6  # 0.5, plus chance
+    assert rate_block < 0.05
+
+
+def test_induction_windows_are_seeded():
+    a = induction_windows(8, 32, 50, seed=3)
+    assert torch.equal(a, induction_windows(8, 32, 50, seed=3))
+    assert not torch.equal(a, induction_windows(8, 32, 50, seed=4))
+    with pytest.raises(ValueError, match="do not fit n_ctx=6"):
+        induction_windows(2, 6, 50, seed=0, lengths=(2, 4))
 
 
 def test_repeated_tokens_is_a_block_written_twice():
@@ -78,13 +95,13 @@ def test_repeated_tokens_is_a_block_written_twice():
     assert (with_bos[:, 0] == 100).all() and torch.equal(with_bos[:, 1:], tokens)
 
 
-def test_induction_data_is_a_pool_of_periodic_windows(monkeypatch):
+def test_induction_data_is_a_pool_of_training_windows(monkeypatch):
     config = induction_config(steps=10, batch_size=4, model=SMALL)
     data = induction_data(config)
     assert data.train.shape == (40, 16) and data.seq_len == 16
-    assert all(_period_and_offset(row) for row in data.train)
+    assert all(_block(row) for row in data.train)
     assert not torch.equal(data.train[: len(data.val)], data.val[: len(data.train)])
-    assert "repeated" in data.summary()
+    assert "written twice" in data.summary()
     monkeypatch.setattr(induction, "MAX_POOL", 25)  # a long run holds a capped pool
     assert len(induction_data(config).train) == 25
 
@@ -94,7 +111,8 @@ def test_configs_full_and_quick(monkeypatch):
     monkeypatch.delenv("GPT2_COURSE_QUICK", raising=False)
     full = induction_config()
     assert full.model == induction.INDUCTION_MODEL
-    assert (full.steps, full.batch_size, full.max_lr) == (3000, 64, 3e-3)
+    assert (full.steps, full.batch_size, full.max_lr) == (5000, 16, 3e-3)
+    assert full.model.init_range == 0.125  # see INDUCTION_MODEL
     assert not full.save and full.sample_interval == 0
     monkeypatch.setenv("GPT2_COURSE_QUICK", "1")
     quick = induction_config(eval_interval=5)
@@ -209,7 +227,7 @@ def test_plots_return_axes(short_run):
     ax = plot_half_losses(short_run)
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert any("steepest drop, step" in label for label in labels)
-    assert "any token seen before, ln 8" in labels  # the probe's block: half of n_ctx=16
+    assert "any token seen before, ln 5" in labels  # the probe's block: n_ctx=16 // 3
     axes = plot_head_scores(short_run)
     assert len(axes) == 2 and len(axes[0].lines) == 4
     assert axes[0].get_title() == "induction score"
