@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 OFFLINE := GPT2_COURSE_OFFLINE=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 
-.PHONY: setup lab test test-unit test-notebooks lint clean
+.PHONY: setup lab test test-unit test-notebooks test-browser lint clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,17 @@ test-unit:
 # The notebooks run top to bottom on the reference solutions, offline.
 test-notebooks:
 	$(OFFLINE) GPT2_COURSE_SOLUTIONS=1 GPT2_COURSE_QUICK=1 MPLBACKEND=Agg $(BIN)/python -m pytest --nbval-lax -p no:cacheprovider notebooks
+
+# Every notebook in JupyterLab in headless Chromium (the OS's; installed from apt as root),
+# driven by Playwright: Run All Cells, then checks, figures, pictures, no network. See README.
+# One notebook: make test-browser BROWSER_ARGS="-k 03_attention"
+test-browser: setup $(VENV)/.installed-browser
+	bash tests/browser/install_chromium.sh
+	$(OFFLINE) GPT2_COURSE_BROWSER_TEST=1 $(BIN)/python -m pytest tests/browser -p no:cacheprovider -v -s $(BROWSER_ARGS)
+
+$(VENV)/.installed-browser: $(VENV)/.installed pyproject.toml
+	$(BIN)/python -m pip install --quiet -e ".[dev,browser]"
+	touch $@
 
 lint: setup
 	$(BIN)/ruff check gpt2_course solutions tests benchmarks
