@@ -94,6 +94,16 @@ def your_code(*components: str) -> Iterator[None]:
         )
 
 
+def expect(condition: object, message: str) -> None:
+    """Assert what a cell shows, but only when the reference solutions run everywhere (CI).
+
+    There a broken solution must fail the notebook run; a learner's unfinished code instead
+    sees the cell's own printout (a failing check, a False), not an AssertionError.
+    """
+    if parts.solutions_everywhere() and not condition:
+        raise AssertionError(message)
+
+
 # Which notebook builds each box of the diagram, and the boxes each topic highlights.
 _NOTEBOOK_OF = {
     "Embedding": "01",

@@ -91,6 +91,25 @@ def colab_problem(nb: nbformat.NotebookNode) -> str | None:
     return None
 
 
+# Committed notebooks carry no outputs, so nbval compares nothing in a marked cell: a cell
+# asserts what it shows with gpt2_course.notebook.expect instead.
+NBVAL_MARKER = re.compile(r"#\s*NBVAL_CHECK_OUTPUT\b")
+
+
+def nbval_marker_problem(nb: nbformat.NotebookNode) -> str | None:
+    marked = [
+        i
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and NBVAL_MARKER.search(cell.source)
+    ]
+    if marked:
+        return (
+            f"code cells {marked} carry # NBVAL_CHECK_OUTPUT; nbval compares nothing in a notebook "
+            "without outputs: assert what the cell shows with expect(condition, message)"
+        )
+    return None
+
+
 def kernel_problem(nb: nbformat.NotebookNode) -> str | None:
     kernel = nb.metadata.get("kernelspec", {}).get("name")
     if kernel != "python3":
@@ -188,6 +207,7 @@ RULES = [
     setup_problem,
     colab_problem,
     kernel_problem,
+    nbval_marker_problem,
     reveal_problem,
     exercise_time_problem,
     time_budget_problem,
@@ -304,6 +324,14 @@ def test_rules_reject_a_different_setup_cell():
     assert "after the Colab cell must be exactly" in problem
     # trailing spaces and a final newline are fine
     assert setup_problem(make_notebook(setup="\n".join(SETUP_CELL) + "  \n")) is None
+
+
+def test_rules_reject_an_nbval_marker():
+    nb = make_notebook()
+    nb.cells[3].source = "# NBVAL_CHECK_OUTPUT\n1 + 1"
+    problem = nbval_marker_problem(nb)
+    assert "code cells [3] carry # NBVAL_CHECK_OUTPUT" in problem
+    assert "expect(condition, message)" in problem
 
 
 def test_time_estimate_pattern():
