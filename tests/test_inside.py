@@ -340,3 +340,25 @@ def test_logit_lens_must_not_feed_a_stack_of_layers_to_ln_final():
     text = feedback("inside.logit_lens", one_call)
     assert "model.ln_final was called on a 4-d tensor" in text
     assert "one layer's residual stream at a time" in text
+
+
+def test_scores_and_lens_refuse_wrong_types_and_shortcuts():
+    """Attempts to pass with wrong code: a list for a tensor, float64 for float32, and a lens
+    that copies the model's final logits into every row."""
+
+    def as_list(pattern, half):
+        return reference.induction_score(pattern, half).tolist()
+
+    assert "returned list, expected a tensor" in feedback("inside.induction_score", as_list)
+
+    def as_double(pattern):
+        return reference.previous_token_score(pattern).double()
+
+    text = feedback("inside.previous_token_score", as_double)
+    assert "dtype torch.float64, expected torch.float32" in text
+
+    def final_everywhere(cache, model):
+        lens_rows = reference.logit_lens(cache, model)
+        return lens_rows[-1:].expand_as(lens_rows).clone()
+
+    assert "rows that differ: 0, 1 (of 0..2)" in feedback("inside.logit_lens", final_everywhere)
