@@ -11,6 +11,7 @@ PLUGINS = [
     "gpt2_course.generation",
     "gpt2_course.release",
     "gpt2_course.colab",
+    "gpt2_course.shards",
 ]
 
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for `train --nproc N`
     return args.func(args)
 
 

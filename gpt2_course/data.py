@@ -84,12 +84,37 @@ class TokenData:
     def seq_len(self) -> int:
         return self.train.shape[1]
 
+    # The trainer reads windows through these three, so that memory-mapped shards
+    # (`gpt2_course.shards.ShardData`) can stand in for data held in memory.
+    def n_windows(self, split: str) -> int:
+        return len(self._split(split))
+
+    def read(self, split: str, indices: Int[Tensor, "n"]) -> Int[Tensor, "n seq_len"]:
+        return self._split(split)[indices]
+
+    def sample(self, split: str, n: int) -> Int[Tensor, "m seq_len"]:
+        """`n` windows evenly spread over the split (all of them if it has fewer)."""
+        return spread_windows(self._split(split), n)
+
+    def _split(self, split: str) -> Tensor:
+        if split not in ("train", "val"):
+            raise ValueError(f"split is 'train' or 'val', not {split!r}")
+        return self.train if split == "train" else self.val
+
     def summary(self) -> str:
         return (
             f"{self.description}: {self.n_documents:,} documents, {self.n_tokens:,} tokens -> "
             f"{len(self.train):,} training and {len(self.val):,} validation windows "
             f"of {self.seq_len} tokens"
         )
+
+
+def spread_windows(windows: Tensor, n: int) -> Tensor:
+    """`n` windows evenly spread over the split (the first n would come from one or two
+    documents only): the same ones every time."""
+    if n >= len(windows):
+        return windows
+    return windows[torch.linspace(0, len(windows) - 1, n).round().long()]
 
 
 def datasets_cache() -> Path:

@@ -60,7 +60,14 @@ PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(d_model=64, n_layers=2, n_heads=4, d_head=16, d_mlp=256, n_ctx=64),
     "small": dict(d_model=128, n_layers=4, n_heads=4, d_head=32, d_mlp=512, n_ctx=128),
     "medium": dict(d_model=256, n_layers=6, n_heads=8, d_head=32, d_mlp=1024, n_ctx=256),
+    # GPT-2 small itself (124M parameters): a job for GPUs (README, "Train GPT-2 small").
+    "gpt2-small": dict(d_model=768, n_layers=12, n_heads=12, d_head=64, d_mlp=3072, n_ctx=1024),
 }
+# The peak learning rate `gpt2-course train` uses for each size unless --lr says otherwise:
+# the small models take a large one; GPT-2 small trains with GPT-3 paper's 6e-4.
+PRESET_LR = {"tiny": 1e-2, "small": 1e-2, "medium": 1e-2, "gpt2-small": 6e-4}
+PRECISIONS = ("auto", "bf16", "fp32")
+BASELINE_TOKENS = 4_000_000  # the unigram and bigram baselines count at most this many
 
 
 class TrainingError(RuntimeError):
@@ -121,6 +128,16 @@ class TrainConfig:
     out_dir: str | None = None  # default: default_checkpoint_dir()
     save: bool = True
     device: str | None = None  # default: cuda, then mps, else cpu
+    # Scaling up (notebook 10). `batch_size` is the global batch, over all processes.
+    micro_batch: int | None = None  # windows per forward pass in a process (default: its share)
+    precision: str = "auto"  # "auto": bf16 autocast on GPUs that support it, else fp32
+    compile: bool = False  # torch.compile the model
+    fast_attention: bool = False  # your attention's weights in F.scaled_dot_product_attention
+    tie_weights: bool = False  # GPT-2's W_U = W_E^T
+    scale_init: bool = False  # GPT-2's 1/sqrt(2 n_layers) on the weights writing to the residual
+    hellaswag_interval: int = 0  # steps between HellaSwag evaluations (0: none)
+    hellaswag_examples: int | None = None  # default: the whole validation split
+    stop_at: int | None = None  # stop this run at this step (with a checkpoint), to resume later
 
     def __post_init__(self) -> None:
         if isinstance(self.model, dict):
@@ -143,6 +160,14 @@ class TrainConfig:
         ]
         if self.warmup_steps < 0 or self.min_lr < 0 or self.weight_decay < 0:
             problems.append("warmup_steps, min_lr and weight_decay cannot be negative")
+        if self.micro_batch is not None and self.micro_batch < 1:
+            problems.append(f"micro_batch must be positive, got {self.micro_batch}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision is one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.stop_at is not None and self.stop_at < 1:
+            problems.append(f"stop_at must be positive, got {self.stop_at}")
+        if self.hellaswag_interval < 0:
+            problems.append("hellaswag_interval cannot be negative")
         if problems:
             raise TrainingError("; ".join(problems))
 
@@ -207,11 +232,20 @@ def _clear_errors(name: str) -> Iterator[None]:
         raise _not_implemented(name, error) from None
 
 
-def build_model(cfg: TransformerConfig, seed: int) -> nn.Module:
-    """Your Transformer (or the reference one), with its weights initialised from `seed`."""
+def build_model(cfg: TransformerConfig, seed: int, config: TrainConfig | None = None) -> nn.Module:
+    """Your Transformer (or the reference one), with its weights initialised from `seed`,
+    and GPT-2's initialisation scaling and weight tying where `config` asks for them."""
     with torch.random.fork_rng(devices=[]), _clear_errors("transformer.Transformer"):
         torch.manual_seed(seed)
-        return _part("transformer.Transformer")(cfg)
+        model = _part("transformer.Transformer")(cfg)
+    if config is not None and (config.scale_init or config.tie_weights):
+        from gpt2_course import fast
+
+        if config.scale_init:
+            fast.scale_residual_init(model)
+        if config.tie_weights:
+            fast.tie_weights(model)
+    return model
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -477,6 +511,10 @@ def load_checkpoint(
     meta = read_checkpoint_meta(folder)
     cfg = TransformerConfig(**meta["model_config"])
     model = build_model(cfg, seed=0)
+    if meta.get("train_config", {}).get("tie_weights"):
+        from gpt2_course.fast import tie_weights
+
+        tie_weights(model)  # its W_U is W_E^T, checked on loading
     _load_weights(model, folder)
     model.to(device or "cpu").eval()
     return model, cfg, meta
@@ -515,19 +553,12 @@ class TrainResult:
         return "\n".join(lines)
 
 
-def _batch(train: Tensor, batch_size: int, seed: int, step: int) -> Tensor:
-    """The windows of step `step`: a function of (seed, step) alone, so a resumed run
-    draws exactly the batches the uninterrupted one would have."""
+def _batch_indices(n_windows: int, batch_size: int, seed: int, step: int) -> Tensor:
+    """Which windows make the global batch of step `step`: a function of (seed, step)
+    alone, so that a resumed run draws exactly the batches the uninterrupted one would
+    have, on any number of processes (each reads only its own part of them)."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return train[torch.randint(0, len(train), (batch_size,), generator=generator)]
-
-
-def spread_windows(windows: Tensor, n: int) -> Tensor:
-    """`n` windows evenly spread over the split (the first n would come from one or two
-    documents only): the same ones every time."""
-    if n >= len(windows):
-        return windows
-    return windows[torch.linspace(0, len(windows) - 1, n).round().long()]
+    return torch.randint(0, n_windows, (batch_size,), generator=generator)
 
 
 @torch.no_grad()
@@ -542,6 +573,192 @@ def evaluate(model: nn.Module, windows: Tensor, loss_fn: Callable, batch_size: i
         total += float(loss_fn(model(chunk), chunk)) * len(chunk)
     model.train(was_training)
     return total / len(windows)
+
+
+def evaluate_shared(
+    model: nn.Module, windows: Tensor, loss_fn: Callable, place: Any, batch_size: int = 16
+) -> float:
+    """`evaluate` with the windows split over the training processes: the same mean."""
+    from gpt2_course import distributed
+
+    if not place.parallel:
+        return evaluate(model, windows, loss_fn, batch_size)
+    share = windows.tensor_split(place.world)[place.rank]
+    mine = evaluate(model, share, loss_fn, batch_size) * len(share) if len(share) else 0.0
+    device = next(model.parameters()).device
+    total, count = distributed.sum_everywhere([mine, float(len(share))], device)
+    return total / count
+
+
+# ------------------------------------------------------------------ scaling up
+
+
+class _Autocast:
+    """`with autocast():` runs the forward pass in `dtype` (None: as it is, in fp32)."""
+
+    def __init__(self, dtype: torch.dtype | None, device: torch.device):
+        self.dtype, self.device = dtype, device
+
+    def __call__(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def _autocast(precision: str, device: torch.device) -> _Autocast:
+    """bf16 autocast where asked, or ("auto") on a GPU that has bf16; fp32 otherwise.
+
+    bf16 keeps fp32's range, so no loss scaling is needed (fp16 would need a GradScaler);
+    the parameters and AdamW's state stay fp32.
+    """
+    if precision == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = "bf16" if bf16 else "fp32"
+    return _Autocast(torch.bfloat16 if precision == "bf16" else None, device)
+
+
+def _split_batch(config: TrainConfig, world: int) -> tuple[int, int]:
+    """(windows per process per step, windows per forward pass): the global batch is split
+    over `world` processes, and each share into micro-batches whose gradients add up."""
+    if config.batch_size % world:
+        raise TrainingError(
+            f"the global batch of {config.batch_size} windows does not split over {world} "
+            f"processes: choose a batch size that is a multiple of {world}"
+        )
+    per_process = config.batch_size // world
+    micro = min(config.micro_batch or per_process, per_process)
+    if per_process % micro:
+        raise TrainingError(
+            f"each process takes {per_process} windows per step, which micro-batches of {micro} "
+            "do not divide: choose a micro-batch size that divides it"
+        )
+    return per_process, micro
+
+
+def _describe_scale(
+    config: TrainConfig,
+    place: Any,
+    per_process: int,
+    micro: int,
+    dtype: torch.dtype | None,
+    seq_len: int,
+) -> str:
+    accumulate = per_process // micro
+    return (
+        f"Global batch {config.batch_size} windows ({config.batch_size * seq_len:,} tokens) = "
+        f"{place.world} process(es) x {accumulate} micro-batch(es) of {micro}; "
+        f"{'bf16 autocast' if dtype is not None else 'fp32'}"
+        + (", fused attention" if config.fast_attention else "")
+        + (", compiled" if config.compile else "")
+    )
+
+
+def _wrap_for_training(
+    model: nn.Module, config: TrainConfig, device: torch.device, place: Any
+) -> nn.Module:
+    """The module the training steps call: the model itself, with the fused attention
+    where asked, inside DistributedDataParallel when there are several processes, compiled
+    where asked. Evaluation, samples and checkpoints use `model`, unwrapped."""
+    if config.fast_attention:
+        from gpt2_course.fast import FastPathError, use_fast_attention
+
+        try:
+            use_fast_attention(model)
+        except FastPathError as error:
+            raise TrainingError(str(error)) from None
+    trained = model
+    if place.parallel:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Every process starts from rank 0's weights (DDP broadcasts them here).
+        trained = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if config.compile:
+        trained = torch.compile(trained)
+    return trained
+
+
+def _accumulating_step(
+    model: nn.Module,
+    batch: Tensor,
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    grad_clip: float | None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    micro: int,
+    autocast: _Autocast,
+) -> float:
+    """One optimizer step on `batch`, in micro-batches of `micro` windows whose gradients
+    add up to those of the whole batch (each loss is divided by their number), with the
+    forward passes under `autocast`. Under DistributedDataParallel, only the last backward
+    averages the gradients across processes (`no_sync` on the others)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    chunks = batch.split(micro)
+    total = 0.0
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = last or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with autocast():
+                loss = loss_fn(model(chunk), chunk) / len(chunks)
+            loss.backward()
+        total += float(loss.detach())
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def _speed(
+    tokens_per_second: float,
+    cfg: TransformerConfig,
+    device: torch.device,
+    world: int,
+    autocast: _Autocast,
+) -> dict[str, float]:
+    """Training tokens/s over all processes, and the model FLOPs utilisation where the
+    accelerator's peak (for the precision the run computes in) is known."""
+    from gpt2_course.throughput import mfu, peak_flops
+
+    row = {"tokens_per_second": tokens_per_second}
+    peak = peak_flops(device, autocast.dtype or torch.float32)
+    if peak:
+        row["mfu"] = mfu(tokens_per_second / world, cfg, peak)  # per accelerator
+    return row
+
+
+class _HellaSwag:
+    """HellaSwag accuracy every `hellaswag_interval` steps, the examples split over ranks;
+    skipped, once said, where the data set cannot be had."""
+
+    def __init__(self, config: TrainConfig, place: Any, say: Callable[[str], None]):
+        self.config, self.place, self.say = config, place, say
+        self.examples: list | None = None
+        self.missing = not config.hellaswag_interval
+
+    def due(self, step: int) -> bool:
+        interval = self.config.hellaswag_interval
+        return not self.missing and (step % interval == 0 or step == self.config.steps)
+
+    def score(self, model: nn.Module) -> dict[str, float]:
+        from gpt2_course import distributed, hellaswag
+
+        if self.examples is None:
+            self.examples = hellaswag.load_hellaswag(limit=self.config.hellaswag_examples)
+            if self.examples is None:
+                self.missing = True
+                self.say("HellaSwag skipped: its data set cannot be downloaded here (offline).")
+                return {}
+        counts = hellaswag.score_examples(
+            model, self.examples, rank=self.place.rank, world=self.place.world
+        )
+        device = next(model.parameters()).device
+        keys = ("n", "correct", "correct_norm")
+        summed = distributed.sum_everywhere([float(counts[k]) for k in keys], device)
+        return hellaswag.accuracy(dict(zip(keys, (int(v) for v in summed), strict=True)))
 
 
 def _prompt(source: str) -> str:
@@ -566,15 +783,26 @@ def train(
     """
     from tqdm.auto import tqdm
 
+    from gpt2_course import distributed
     from gpt2_course.data import baselines, load_data, unigram_log_probs
+    from gpt2_course.shards import open_shards
 
     config = config or TrainConfig()
+    place = distributed.current()  # rank 0 of 1 unless torchrun started several of us
+    verbose, progress = verbose and place.main, progress and place.main
 
     def say(message: str) -> None:
         if verbose:
             tqdm.write(message)  # prints above the progress bar, not through it
 
     cfg = config.model
+    if data is None:
+        # rank 0 prepares any shards first; then the others find them ready
+        if place.main:
+            data = open_shards(config.data, cfg.n_ctx, verbose=verbose)
+        distributed.barrier()
+        if not place.main:
+            data = open_shards(config.data, cfg.n_ctx, verbose=False)
     if data is None:
         with _clear_errors("training.make_windows"):
             data = load_data(
@@ -587,7 +815,9 @@ def train(
             )
     if data.seq_len > cfg.n_ctx:
         raise TrainingError(f"windows of {data.seq_len} tokens do not fit n_ctx={cfg.n_ctx}")
-    device = pick_device(config.device)
+    device = pick_device(distributed.device_for(place, config.device))
+    autocast = _autocast(config.precision, device)
+    per_process, micro = _split_batch(config, place.world)
     loss_fn = _part("training.next_token_loss")
     lr_at_step = _part("training.lr_at_step")
     train_step = _part("training.train_step")
@@ -605,16 +835,17 @@ def train(
             )
 
     # The same windows for every evaluation, and for the baselines.
-    val_windows = spread_windows(data.val, config.eval_windows)
-    train_windows = spread_windows(data.train, config.eval_windows)
-    base = baselines(data.train, val_windows, cfg.d_vocab)
+    val_windows = data.sample("val", config.eval_windows)
+    train_windows = data.sample("train", config.eval_windows)
+    counted = data.sample("train", max(1, BASELINE_TOKENS // data.seq_len))
+    base = baselines(counted, val_windows, cfg.d_vocab)
     base_dict = base.as_dict()
 
-    model = build_model(cfg, config.seed)
+    model = build_model(cfg, config.seed, config)
     if config.init_output_bias and hasattr(model, "unembed") and hasattr(model.unembed, "b_U"):
         # Start from the unigram model: the first steps need not learn token frequencies.
         with torch.no_grad():
-            model.unembed.b_U.copy_(unigram_log_probs(data.train, cfg.d_vocab, base.unigram_k))
+            model.unembed.b_U.copy_(unigram_log_probs(counted, cfg.d_vocab, base.unigram_k))
     model.to(device)
     with _clear_errors("training.configure_optimizer"):
         optimizer = _part("training.configure_optimizer")(model, config.max_lr, config.weight_decay)
@@ -649,7 +880,7 @@ def train(
         say(f"Resuming from step {step} of {config.steps} ({out_dir}).")
     elif resume:
         say(f"No checkpoint in {out_dir} yet: starting from scratch.")
-    elif config.save and (out_dir / CONFIG_FILE).exists():
+    elif config.save and place.main and (out_dir / CONFIG_FILE).exists():
         aside = _set_aside(out_dir)
         say(
             f"Starting afresh: the earlier checkpoint in {out_dir} is now in {aside} "
@@ -674,7 +905,7 @@ def train(
     prompt = _prompt(data.source)
 
     def record_sample() -> None:
-        if not config.sample_interval:
+        if not config.sample_interval or not place.main:
             return
         text = sample_text(
             model, prompt, config.sample_tokens, config.temperature, seed=config.seed
@@ -682,28 +913,42 @@ def train(
         samples.append({"step": step, "text": text})
         say(f"[sample at step {step}] {text!r}")
 
+    hellaswag = _HellaSwag(config, place, say)
+
     def record_eval() -> None:
-        with _clear_errors("training.next_token_loss"):
+        with _clear_errors("training.next_token_loss"), autocast():
             row = {
                 "step": step,
                 "tokens": step * config.batch_size * data.seq_len,
-                "train_loss": evaluate(model, train_windows, loss_fn),
-                "val_loss": evaluate(model, val_windows, loss_fn),
+                "train_loss": evaluate_shared(model, train_windows, loss_fn, place),
+                "val_loss": evaluate_shared(model, val_windows, loss_fn, place),
                 "lr": lr(step),
             }
-        if on_eval is not None:
+            if step and train_seconds:
+                row |= _speed(trained_tokens / train_seconds, cfg, device, place.world, autocast)
+            if hellaswag.due(step):
+                row |= hellaswag.score(model)
+        if on_eval is not None and place.main:
             row |= on_eval(model)
         history.append(row)
         if step:
+            extra = "".join(
+                f", {name} {row[name]:.3f}" for name in ("hellaswag_acc_norm", "mfu") if name in row
+            )
             say(
                 f"step {step:>5}: loss on training windows {row['train_loss']:.3f}, "
-                f"on validation windows {row['val_loss']:.3f} (lr {row['lr']:.2e})"
+                f"on validation windows {row['val_loss']:.3f} (lr {row['lr']:.2e}{extra})"
             )
 
     say(
         f"Model: {_describe(model, cfg)} on {device}. Baselines on the validation windows: "
         + ", ".join(f"{k} {v:.3f}" for k, v in base_dict.items())
     )
+    trained = _wrap_for_training(model, config, device, place)
+    if place.parallel or micro < per_process or config.precision != "fp32":
+        say(_describe_scale(config, place, per_process, micro, autocast.dtype, data.seq_len))
+    distributed.barrier()  # rank 0 has set any earlier checkpoint aside: all may start
+    end = min(config.steps, config.stop_at or config.steps)  # this run stops here
     interrupted = False
     train_seconds = 0.0
     trained_tokens = 0
@@ -721,14 +966,26 @@ def train(
     )
     with _reuse_freed_memory(), _deterministic(device):
         try:
-            while step < config.steps:
+            while step < end:
                 t0 = time.perf_counter()
                 current_lr = lr(step)
-                batch = _batch(data.train, config.batch_size, config.seed, step).to(device)
+                indices = _batch_indices(
+                    data.n_windows("train"), config.batch_size, config.seed, step
+                )
+                batch = data.read("train", distributed.my_part(indices, place)).to(device)
                 with _clear_errors("training.train_step"):
-                    loss = _take_step(
-                        train_step, model, batch, optimizer, current_lr, config.grad_clip, loss_fn
-                    )
+                    if micro < per_process or autocast.dtype is not None:
+                        loss = _accumulating_step(
+                            trained, batch, optimizer, current_lr, config.grad_clip, loss_fn,
+                            micro, autocast,
+                        )  # fmt: skip
+                    else:  # your train_step, as in notebook 06 (DDP syncs inside backward)
+                        loss = _take_step(
+                            train_step, trained, batch, optimizer, current_lr, config.grad_clip,
+                            loss_fn,
+                        )  # fmt: skip
+                    if place.parallel:  # the loss of the global batch, for every rank's log
+                        loss = distributed.sum_everywhere([loss], device)[0] / place.world
                 if not math.isfinite(loss):
                     raise TrainingError(
                         f"the loss became {loss} at step {step}: lower the learning rate "
@@ -737,7 +994,7 @@ def train(
                 step += 1
                 losses.append(round(loss, 5))
                 train_seconds += time.perf_counter() - t0
-                trained_tokens += batch.numel()
+                trained_tokens += config.batch_size * data.seq_len  # over all processes
                 tokens_per_second = trained_tokens / train_seconds
                 # sample first, so that the checkpoint saved at this step holds it
                 if config.sample_interval and (
@@ -745,9 +1002,9 @@ def train(
                 ):
                     if not samples or samples[-1]["step"] != step:
                         record_sample()
-                if step % config.eval_interval == 0 or step == config.steps:
+                if step % config.eval_interval == 0 or step in (config.steps, end):
                     record_eval()
-                    if config.save:
+                    if config.save and place.main:
                         save_checkpoint(out_dir, model, optimizer, meta_now(), cfg)
                 postfix = {"loss": f"{losses[-1]:.3f}", "tok/s": f"{tokens_per_second:.0f}"}
                 if history:
@@ -938,13 +1195,26 @@ def plot_history(result: TrainResult, ax: Any = None, smooth: int = 20) -> Any:
 # ------------------------------------------------------------------ the CLI
 
 
+TRAIN_DESCRIPTION = (
+    "Train a GPT with your components and save a checkpoint. On several GPUs (or CPU "
+    "processes): torchrun --nproc_per_node N -m gpt2_course.train [these options], "
+    "or --processes N here."
+)
+
+
 def add_cli(subparsers: Any) -> None:
     """Register `gpt2-course train`."""
     p = subparsers.add_parser(
         "train",
-        help="train a small GPT on real text (your components, or --solutions)",
-        description="Train a small GPT with your components and save a checkpoint.",
+        help="train a GPT on real text (your components, or --solutions)",
+        description=TRAIN_DESCRIPTION,
     )
+    add_train_arguments(p)
+    p.set_defaults(func=train_command)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `gpt2-course train`, which `python -m gpt2_course.train` shares."""
     p.add_argument(
         "--model", default="tiny", choices=list(PRESETS), help="model size preset (default tiny)"
     )
@@ -953,20 +1223,37 @@ def add_cli(subparsers: Any) -> None:
             f"--{name}", type=int, help=f"override the preset's {name.replace('-', '_')}"
         )
     p.add_argument("--steps", type=int, help="training steps (default 600; 60 with --quick)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate (default 1e-2)")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch, in windows")
+    p.add_argument(
+        "--batch-tokens", type=int, help="global batch in tokens (instead of --batch-size)"
+    )
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        help="windows per forward pass in each process; gradients accumulate up to the batch",
+    )
+    p.add_argument(
+        "--lr", type=float, help="peak learning rate (default 1e-2; 6e-4 for gpt2-small)"
+    )
     p.add_argument("--warmup", type=int, help="warmup steps (default 5%% of the steps)")
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument(
         "--data",
         default="auto",
         help="auto (TinyStories if online, else builtin), tinystories, builtin, builtin-large, "
-        "or .txt files",
+        ".txt files, fineweb-edu or openwebtext (sharded once into the cache), or a folder "
+        "made by `gpt2-course shards`",
     )
     p.add_argument("--out", help=f"checkpoint folder (default {default_checkpoint_dir()})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-interval", type=int, help="steps between evaluations (and checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out")
+    p.add_argument(
+        "--stop-at",
+        type=int,
+        metavar="STEP",
+        help="stop at this step with a checkpoint (a job with a time limit); --resume goes on",
+    )
     p.add_argument(
         "--quick", action="store_true", help="the short CI run (also GPT2_COURSE_QUICK=1)"
     )
@@ -975,12 +1262,60 @@ def add_cli(subparsers: Any) -> None:
     )
     p.add_argument("--device", help="cpu, cuda or mps (default: the fastest here)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(func=_train_command)
+    scale = p.add_argument_group("scaling up (README: Train GPT-2 small)")
+    scale.add_argument(
+        "--precision", choices=PRECISIONS, default="auto", help="auto: bf16 on GPUs that have it"
+    )
+    scale.add_argument("--compile", action="store_true", help="torch.compile the model")
+    scale.add_argument(
+        "--fast-attention",
+        action="store_true",
+        help="your attention's weights in F.scaled_dot_product_attention (checked first)",
+    )
+    scale.add_argument("--tie-weights", action="store_true", help="GPT-2's W_U = W_E^T")
+    scale.add_argument(
+        "--scale-init", action="store_true", help="GPT-2's 1/sqrt(2 n_layers) residual init"
+    )
+    scale.add_argument(
+        "--hellaswag", type=int, default=0, metavar="STEPS", help="HellaSwag every STEPS steps"
+    )
+    scale.add_argument("--hellaswag-examples", type=int, help="default: all 10,042")
+    scale.add_argument(
+        "--processes", type=int, default=1, help="start this many processes here (through torchrun)"
+    )
 
 
-def _train_command(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace) -> int:
+    """`gpt2-course train` and `python -m gpt2_course.train`: one process of the run
+    (or, with --processes N, the launcher of N of them)."""
+    from gpt2_course import distributed
+
+    if args.processes > 1 and not distributed.from_environment().parallel:
+        return _launch(args.processes, getattr(args, "argv", None) or sys.argv[1:])
     if args.quick:
         os.environ["GPT2_COURSE_QUICK"] = "1"
+    try:
+        place = distributed.start(args.device)
+    except (RuntimeError, ValueError) as error:
+        print(f"error: cannot join the other training processes ({error})", file=sys.stderr)
+        return 1
+    try:
+        return _train_here(args, place)
+    finally:
+        distributed.stop()
+
+
+def _launch(nproc: int, argv: list[str]) -> int:
+    """Run `torchrun --standalone --nproc_per_node nproc -m gpt2_course.train argv`."""
+    import subprocess
+
+    flags = argv[1:] if argv[:1] == ["train"] else argv  # `gpt2-course train ...`: drop "train"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += [f"--nproc_per_node={nproc}", "-m", "gpt2_course.train", *flags]
+    return subprocess.call(command)
+
+
+def _train_here(args: argparse.Namespace, place: Any) -> int:
     try:
         cfg = model_config(
             args.model,
@@ -989,15 +1324,32 @@ def _train_command(args: argparse.Namespace) -> int:
             n_heads=args.n_heads,
             n_ctx=args.n_ctx,
         )
+        batch_size = args.batch_size
+        if args.batch_tokens is not None:
+            if args.batch_tokens % cfg.n_ctx or args.batch_tokens < cfg.n_ctx:
+                raise TrainingError(
+                    f"--batch-tokens {args.batch_tokens} is not a multiple of the window "
+                    f"length n_ctx={cfg.n_ctx}"
+                )
+            batch_size = args.batch_tokens // cfg.n_ctx
         overrides: dict[str, Any] = dict(
             model=cfg,
             data=args.data,
-            batch_size=args.batch_size,
-            max_lr=args.lr,
+            batch_size=batch_size,
+            micro_batch=args.micro_batch,
+            max_lr=args.lr if args.lr is not None else PRESET_LR[args.model],
             weight_decay=args.weight_decay,
             seed=args.seed,
             out_dir=args.out,
             device=args.device,
+            precision=args.precision,
+            compile=args.compile,
+            fast_attention=args.fast_attention,
+            tie_weights=args.tie_weights,
+            scale_init=args.scale_init,
+            hellaswag_interval=args.hellaswag,
+            hellaswag_examples=args.hellaswag_examples,
+            stop_at=args.stop_at,
         )
         for key, value in [
             ("steps", args.steps),
@@ -1010,11 +1362,14 @@ def _train_command(args: argparse.Namespace) -> int:
         package = parts.lent_package() if args.solutions else parts.default_package()
         with parts.using(package):
             whose = parts.describe_package(package)
-            print(f"Training with {whose}.")
+            if place.main:
+                print(f"Training with {whose}.")
             result = train(config, resume=args.resume, progress=not args.no_progress)
     except (TrainingError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error{f' (rank {place.rank})' if place.parallel else ''}: {error}", file=sys.stderr)
         return 1
+    if not place.main:
+        return 130 if result.interrupted else 0
     print(result.table())
     speed = f"{result.tokens_per_second:.0f} training tokens/s"
     print(f"{result.step} steps in {result.seconds:.0f} s, {speed}")

@@ -303,19 +303,19 @@ def test_resume_after_ctrl_c_continues_exactly(tmp_path, solutions, tiny_data, m
     straight = train(tiny_config(tmp_path / "a"), data=tiny_data, progress=False, verbose=False)
     assert straight.step == 6
 
-    real_batch = trainer._batch
+    real_batch = trainer._batch_indices
 
-    def interrupt_at_step_4(train_windows, batch_size, seed, step):
+    def interrupt_at_step_4(n_windows, batch_size, seed, step):
         if step == 4:
             raise KeyboardInterrupt
-        return real_batch(train_windows, batch_size, seed, step)
+        return real_batch(n_windows, batch_size, seed, step)
 
-    monkeypatch.setattr(trainer, "_batch", interrupt_at_step_4)
+    monkeypatch.setattr(trainer, "_batch_indices", interrupt_at_step_4)
     first = train(tiny_config(tmp_path / "b"), data=tiny_data, progress=False, verbose=False)
     assert first.interrupted and first.step == 4
     assert load_checkpoint(tmp_path / "b" / "ckpt")[2]["step"] == 3  # the last one is kept
 
-    monkeypatch.setattr(trainer, "_batch", real_batch)
+    monkeypatch.setattr(trainer, "_batch_indices", real_batch)
     resumed = train(
         tiny_config(tmp_path / "b"), data=tiny_data, resume=True, progress=False, verbose=False
     )
