@@ -74,6 +74,13 @@ def start(device: str | None = None) -> Rank:
         return current()
     cuda = (device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
     if cuda:
+        gpus = torch.cuda.device_count()
+        if place.local_rank >= gpus:
+            raise RuntimeError(
+                f"process {place.local_rank} of this machine needs GPU {place.local_rank}, and "
+                f"there are {gpus}: start at most {gpus} processes per machine (or train on "
+                "the CPU with --device cpu)"
+            )
         torch.cuda.set_device(place.local_rank)
     dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=TIMEOUT)
     return current()

@@ -182,3 +182,40 @@ def test_bad_scaling_options_are_refused(corpus, tmp_path, capsys):
         TrainConfig(precision="fp8")
     with pytest.raises(TrainingError, match="micro_batch must be positive"):
         TrainConfig(micro_batch=0)
+
+
+def test_two_processes_train_on_memory_mapped_shards(corpus, tmp_path, monkeypatch):
+    from gpt2_course.shards import ShardData, prepare_shards
+
+    folder = prepare_shards(
+        str(corpus), tmp_path / "shards", val_tokens=64, shard_tokens=200, verbose=False
+    )
+    reads: list[int] = []
+    real_read = ShardData.read
+    monkeypatch.setattr(
+        ShardData,
+        "read",
+        lambda self, split, idx: reads.append(len(idx)) or real_read(self, split, idx),
+    )
+    alone = one_process(folder, tmp_path / "alone")
+    assert reads.count(8) == STEPS  # every step's batch came from the memory maps
+    torchrun(2, folder, tmp_path / "pair")
+    assert_same_run(alone, saved(tmp_path / "pair"))
+
+
+def test_compiled_training_makes_the_same_run(corpus, single, tmp_path, monkeypatch):
+    # inductor would build C++ for minutes on a CPU; aot_eager traces the same graph
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m: real_compile(m, backend="aot_eager"))
+    compiled = one_process(corpus, tmp_path / "compiled", "--compile", "--micro-batch", "4")
+    assert_same_run(saved(single), compiled)
+
+
+def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(RuntimeError, match="start at most 1 processes per machine"):
+        distributed.start("cuda")
+    assert not torch.distributed.is_initialized()
