@@ -14,7 +14,7 @@ from pathlib import Path
 if not __package__:  # run as a script: make `benchmarks` and `solutions` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import forward_throughput, generation, training_step
+from benchmarks import forward_throughput, generation, scale_training, training_step
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     forward_args = ["--batch", "1", "--seq", "64", "--repeats", "3"] if args.quick else []
     generation_args = ["--new-tokens", "32", "--repeats", "2"] if args.quick else []
     training_args = ["--steps", "2", "--train-steps", "4", "--repeats", "2"] if args.quick else []
+    scale_args = ["--quick"] if args.quick else []
 
     print("=" * 72 + "\nforward throughput (benchmarks/forward_throughput.py)\n" + "=" * 72)
     ratios = {"forward_vs_hf": forward_throughput.main(threads + forward_args)}
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ratios |= generation.main(threads + generation_args)
     print("\n" + "=" * 72 + "\ntraining steps (benchmarks/training_step.py)\n" + "=" * 72)
     ratios |= training_step.main(threads + training_args)
+    print("\n" + "=" * 72 + "\nscaled-up training (benchmarks/scale_training.py)\n" + "=" * 72)
+    ratios |= scale_training.main(threads + scale_args)
 
     goals = {
         "forward_vs_hf": ("forward tokens/s, ours / Hugging Face", forward_throughput.GOAL),
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             training_step.ALLOCATOR_GOAL,
         ),
         "training_vs_hf": ("training steps, ours / Hugging Face", training_step.HF_GOAL),
+        "scale_training_vs_hf": (
+            "scaled-up training, course / Hugging Face",
+            scale_training.GOAL,
+        ),
     }
     print(
         "\n" + "=" * 72 + "\nsummary" + (" (--quick sizes)" if args.quick else "") + "\n" + "=" * 72
