@@ -55,7 +55,7 @@ MAX_POOL = 65_536  # training sequences held at most (steps * batch_size below t
 VAL_SEQUENCES = 512
 DATA_SEED, PROBE_SEED = 1234, 99
 PROBE_BATCH = 64  # probe sequences scored at every evaluation
-LOCAL_RULE = 0.5  # how often a filler token follows the local rule (see induction_windows)
+LOCAL_RULE = 0.8  # how often a filler token follows the local rule (see induction_windows)
 RULE_SEED = 7
 # An induction score this high is far above a head that spreads its attention evenly over
 # the visible positions (about 0.03 on the probe): an induction head.
@@ -89,12 +89,16 @@ def induction_windows(
     ends included; default `block_lengths(n_ctx)`) and at a random place.
 
     The filler's local rule: each token is, with probability `local_rule`, a fixed shuffle of
-    the token two places before it (else random). So looking at the previous token pays off
-    on its own, as it does in text; without that, a previous-token head is useful only to
-    an induction head not yet there, and the two take many times longer to appear together.
-    The block itself is pure random: a rule inside it would put the shuffle of the current
-    token two places after its earlier occurrence, a cue to look for instead of induction.
-    As the block's length and place vary, no fixed positional offset finds the repeats.
+    the token before it (else random). The model predicts the filler from the current token
+    alone; but inside the random block that prediction is wrong, and the way to tell the
+    filler from the block is to check whether the current token is the shuffle of the
+    previous one. So a previous-token head pays off on its own, as it does in text; without
+    that, it is useful only to an induction head not yet there, and the two take many times
+    longer to appear together. The block itself is pure random: a rule inside it would be a
+    cue to look for instead of induction. (A rule on the token two places back made the model
+    grow a head looking three places back to tell filler from block, and build a variant of
+    the circuit on it that attends one key too far.) As the block's length and place vary,
+    no fixed positional offset finds the repeats.
     """
     shortest, longest = lengths or block_lengths(n_ctx)
     if not 1 <= shortest <= longest or 2 * longest > n_ctx:
@@ -105,8 +109,8 @@ def induction_windows(
     tokens = torch.randint(0, d_vocab, (n, n_ctx), generator=generator)
     shuffle = torch.randperm(d_vocab, generator=torch.Generator().manual_seed(RULE_SEED))
     follows_rule = torch.rand(n, n_ctx, generator=generator) < local_rule
-    for t in range(2, n_ctx):
-        tokens[:, t] = torch.where(follows_rule[:, t], shuffle[tokens[:, t - 2]], tokens[:, t])
+    for t in range(1, n_ctx):
+        tokens[:, t] = torch.where(follows_rule[:, t], shuffle[tokens[:, t - 1]], tokens[:, t])
     length = torch.randint(shortest, longest + 1, (n, 1), generator=generator)
     start = (torch.rand(n, 1, generator=generator) * (n_ctx - 2 * length + 1)).long()
     pos = torch.arange(n_ctx).expand(n, n_ctx)

@@ -58,8 +58,8 @@ def test_induction_windows_hold_a_block_written_twice():
     assert len(starts) > 10
 
 
-def test_induction_windows_filler_follows_the_local_rule_half_the_time():
-    """Outside the block, token t is shuffle[token t-2] about half the time; inside the
+def test_induction_windows_filler_follows_the_local_rule():
+    """Outside the block, token t is shuffle[token t-1] LOCAL_RULE of the time; inside the
     block's first copy only by chance (1 / d_vocab)."""
     d_vocab = 64
     tokens = induction_windows(2000, 40, d_vocab, seed=1, lengths=(6, 12))
@@ -68,13 +68,16 @@ def test_induction_windows_filler_follows_the_local_rule_half_the_time():
     for i, row in enumerate(tokens):
         length, start = _block(row)
         in_block[i, start : start + 2 * length] = True
-    follows = tokens[:, 2:] == shuffle[tokens[:, :-2]]
-    filler = ~in_block[:, 2:] & ~in_block[:, :-2]
-    block = in_block[:, 2:] & in_block[:, :-2]
+    follows = tokens[:, 1:] == shuffle[tokens[:, :-1]]
+    filler = ~in_block[:, 1:] & ~in_block[:, :-1]
+    block = in_block[:, 1:] & in_block[:, :-1]
     rate_filler = follows[filler].float().mean().item()
     rate_block = follows[block].float().mean().item()
-    assert 0.45 < rate_filler < 0.6  # 0.5, plus chance
+    assert induction.LOCAL_RULE < rate_filler < induction.LOCAL_RULE + 0.03  # plus chance
     assert rate_block < 0.05
+    # two places back, the rule says nothing (the shuffle of a shuffle is another map)
+    two_back = tokens[:, 2:] == shuffle[tokens[:, :-2]]
+    assert two_back[~in_block[:, 2:] & ~in_block[:, :-2]].float().mean() < 0.05
 
 
 def test_induction_windows_are_seeded():
