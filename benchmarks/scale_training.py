@@ -1,22 +1,26 @@
 """Training tokens/s of the course's scaled-up trainer against Hugging Face's GPT-2 (issue 14).
 
-Two contenders hold the same weights, see the same batch and take the same optimizer step:
+Three contenders hold the same weights, see the same batch and take the same optimizer step:
 
 - "course": the reference `Transformer` (solutions/, through `gpt2_course.parts`) as the
   trainer builds it for GPT-2-style training (`build_model` with tied embeddings and the
-  scaled residual init), wrapped by `_wrap_for_training` (the fused attention of
-  `gpt2_course.fast`, compiled with --compile), stepping with the trainer's own
-  `_accumulating_step`: micro-batches whose gradients add up, autocast, gradient clipping
-  and AdamW from the course's `configure_optimizer`;
+  scaled residual init), wrapped by `_wrap_for_training` with `fast_kernels` (every
+  component on torch's kernels, `gpt2_course.fast.use_fast_kernels`; compiled with
+  --compile), stepping with the trainer's own `_accumulating_step`: micro-batches whose
+  gradients add up, autocast, gradient clipping and AdamW from the course's
+  `configure_optimizer`;
+- "course (attention only)": the same with `fast_attention` alone (the fused attention,
+  every other component on its own forward), for comparison;
 - "hf": `GPT2LMHeadModel` (attention "sdpa", no dropout, tied embeddings as GPT-2 has)
   holding the course model's weights (`to_hf_state_dict`), in the same loop: the same
   micro-batches, autocast, `clip_grad_norm_`, and AdamW with the same hyperparameters and
   parameter groups (decay on the weight matrices and embeddings only). Its loss is its
   own `labels=` loss: the same shifted cross-entropy as the course's `next_token_loss`.
 
-The course model has one parameter GPT-2 lacks, the unembedding bias b_U (zero at the
-start, so the first losses agree); adding it to the logits and summing their gradient for
-it is part of the course's cost. Both run under the trainer's settings for its steps
+The course model has one parameter GPT-2 lacks, the unembedding bias b_U. The trainer's
+`output_bias=False` (`--no-output-bias`) keeps it at zero and out of training, as GPT-2
+has none: so the two models compute the same function with the same trainable weights.
+Both run under the trainer's settings for its steps
 (`_reuse_freed_memory`, and on CPU `_deterministic`). First the two must agree on the loss
 of the first batch in fp32 (within 1e-4); then they are timed interleaved, `--steps`
 optimizer steps per timed call: ratio = course tokens/s / Hugging Face's, goal >= 1.0.
@@ -34,6 +38,8 @@ does anywhere GPT2_COURSE_PEAK_FLOPS gives a peak. `--loss-curve N`, meant for a
 
 import argparse
 import contextlib
+import copy
+import dataclasses
 import math
 import sys
 import time
@@ -152,7 +158,9 @@ def train_config(args: argparse.Namespace, cfg: TransformerConfig) -> trainer.Tr
         precision=args.precision,
         compile=args.compile,
         fast_attention=True,
+        fast_kernels=True,
         tie_weights=True,
+        output_bias=False,  # GPT-2 has no bias on its logits: the same model as Hugging Face's
         scale_init=True,
         device=str(args.device),
         save=False,
@@ -295,15 +303,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     config = train_config(args, cfg)
 
     course = course_model(cfg, args.seed, config).to(device)
+    attention_only = copy.deepcopy(course)  # the same weights, tied to its own W_E
     hf = hf_twin(course)
-    trained = trainer._wrap_for_training(course, config, device, Rank())  # fused attention
+    trained = trainer._wrap_for_training(course, config, device, Rank())  # every component
+    attention_config = dataclasses.replace(config, fast_kernels=False)
+    trained_attention = trainer._wrap_for_training(attention_only, attention_config, device, Rank())
 
     batch = random_tokens(args.batch, args.seq, cfg.d_vocab, args.seed, device)
     ours, theirs = first_losses(course, hf, batch)
-    gap = abs(ours - theirs)
-    print(f"first-batch loss in fp32: course {ours:.6f}, Hugging Face {theirs:.6f} ({gap:.1e})")
+    ours_attention, _ = first_losses(attention_only, hf, batch)
+    gap = max(abs(ours - theirs), abs(ours_attention - theirs))
+    print(
+        f"first-batch loss in fp32: course {ours:.6f} (attention only {ours_attention:.6f}), "
+        f"Hugging Face {theirs:.6f} ({gap:.1e})"
+    )
     if not gap <= AGREEMENT:
-        raise SystemExit("the two models disagree: the comparison would mean nothing")
+        raise SystemExit("the models disagree: the comparison would mean nothing")
     if args.compile:
         hf = torch.compile(hf)
 
@@ -311,12 +326,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     autocast = trainer._autocast(args.precision, device)
     course_optimizer = configure_optimizer(course, LR, WEIGHT_DECAY)
+    attention_optimizer = configure_optimizer(attention_only, LR, WEIGHT_DECAY)
     hf_optimizer_ = hf_optimizer(hf, LR, WEIGHT_DECAY)
 
     def course_steps() -> None:
         for _ in range(args.steps):
             trainer._accumulating_step(
                 trained, batch, course_optimizer, LR, GRAD_CLIP, next_token_loss,
+                args.micro_batch, autocast,
+            )  # fmt: skip
+
+    def attention_only_steps() -> None:
+        for _ in range(args.steps):
+            trainer._accumulating_step(
+                trained_attention, batch, attention_optimizer, LR, GRAD_CLIP, next_token_loss,
                 args.micro_batch, autocast,
             )  # fmt: skip
 
@@ -328,32 +351,38 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(
         f"{args.model} model ({sum(p.numel() for p in course.parameters()) / 1e6:.1f}M "
         f"parameters), batch {args.batch} x {args.seq} tokens = {accumulate} micro-batch(es) of "
-        f"{args.micro_batch}, {args.precision}, fused attention (sdpa)"
+        f"{args.micro_batch}, {args.precision}, torch's kernels for every component"
         f"{', compiled' if args.compile else ''}, {args.steps} steps per call, {args.clock} clock"
     )
     print(describe_machine(device))
     with trainer._reuse_freed_memory(), trainer._deterministic(device):
         timings = compare(
-            {"course": course_steps, "hf": hf_steps},
+            {
+                "course": course_steps,
+                "course (attention only)": attention_only_steps,
+                "hf": hf_steps,
+            },
             repeats=args.repeats,
             warmup=args.warmup,
             device=device,
             clock=args.clock,
         )
     work = args.steps * args.batch * args.seq
-    ratio = print_comparison(timings, work=work, baseline="hf")["course"]
+    ratios = print_comparison(timings, work=work, baseline="hf")
+    ratio = ratios["course"]
     verdict = "meets" if ratio >= GOAL else "is BELOW"
     print(
         f"training tokens/s, course / Hugging Face = {ratio:.2f} ({verdict} the goal of {GOAL:g}; "
-        f"threads={threads})"
+        f"threads={threads}); with the fused attention alone "
+        f"{ratios['course (attention only)']:.2f}"
     )
     result = {"scale_training_vs_hf": ratio}
 
     # the peak of the dtype the matrix products run in (GPT2_COURSE_PEAK_FLOPS sets one anywhere)
     peak = peak_flops(device, autocast.dtype or torch.float32)
     if peak is not None:
-        for name, timing in timings.items():
-            result[f"mfu_{name}"] = mfu(timing.rate(work), cfg, peak, seq_len=args.seq)
+        for name in ("course", "hf"):
+            result[f"mfu_{name}"] = mfu(timings[name].rate(work), cfg, peak, seq_len=args.seq)
         verdict = "meets" if result["mfu_course"] >= MFU_GOAL else "is BELOW"
         print(
             f"MFU (peak {peak / 1e12:g} TFLOP/s): course {result['mfu_course']:.1%}, "

@@ -1,14 +1,21 @@
-"""The fast path for training at scale: fused attention, GPT-2's weight tying and its init.
+"""The fast path for training at scale: torch's fused kernels, GPT-2's weight tying and its init.
 
-The course's `MultiHeadAttention` spells attention out (einsum, an explicit mask) so that it
-can be read and checked; it stays the teaching path. To train a GPT-2 at real size,
-`use_fast_attention(model)` replaces, on each attention module (undone by
-`use_einsum_attention`), its forward with one that computes the same thing from the same
-parameters: one fused QKV product and torch's `scaled_dot_product_attention` (a flash or
-memory-efficient kernel on a GPU). The parameters do not change, so the state_dict,
-checkpoints, the optimizer and the gradients are those of the einsum model. Before
-swapping it checks, on random inputs, that the module's own forward is causal softmax
-attention: a fast path over a wrong attention would hide the mistake.
+The course's components spell their computation out (einsum, an explicit mask, LayerNorm's
+formula) so that it can be read and checked; they stay the teaching path. To train a GPT-2
+at real size, `use_fast_kernels(model)` replaces, on every module it recognises by the
+contract's parameters, its forward with one that computes the same thing from the same
+parameters on torch's own kernels (undone by `use_own_forwards`):
+
+- attention: one fused QKV product and `scaled_dot_product_attention` (a flash or
+  memory-efficient kernel on a GPU); `use_fast_attention(model)` swaps attention alone;
+- LayerNorm: `F.layer_norm`; the MLP: two `addmm`s (bias included) around the tanh GELU;
+- the unembedding: one `addmm`; on a tied model with W_E itself, so that W_E's gradient
+  is computed in W_E's own layout rather than computed for W_U and added in transposed.
+
+The parameters do not change, so the state_dict, checkpoints, the optimizer and the
+gradients are those of the course's model, to float rounding. Before swapping, each
+module's own forward is checked against its kernel on random inputs (in float64): a fast
+path over a wrong component would hide the mistake. Nothing is swapped unless all pass.
 
 Two of GPT-2's choices the course's model leaves out, for training from scratch:
 
@@ -18,6 +25,9 @@ Two of GPT-2's choices the course's model leaves out, for training from scratch:
 """
 
 import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -32,11 +42,7 @@ class FastPathError(RuntimeError):
     """A fast path or a GPT-2 training option cannot be applied; the message says why."""
 
 
-# ------------------------------------------------------------------ fused attention
-
-# The contract's attention parameters (TransformerLens's names and layout).
-ATTENTION_PARAMETERS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O")
-CHECK_COMMAND = "gpt2-course check attention.MultiHeadAttention"
+# ------------------------------------------------------------------ the kernels
 
 
 def fast_attention(
@@ -61,99 +67,302 @@ def fast_attention(
     return F.linear(z, W_O.T, attn.b_O)  # every head writes through its slice of W_O, summed
 
 
-class _FastForward:
-    """The forward put on one attention module; keeps whatever instance forward it replaced.
+def fast_layer_norm(
+    ln: nn.Module, x: Float[Tensor, "batch pos d_model"], eps: float
+) -> Float[Tensor, "batch pos d_model"]:
+    """GPT-2's LayerNorm with `ln`'s w and b: biased variance, eps inside the square root."""
+    return F.layer_norm(x, ln.w.shape, ln.w, ln.b, eps)
 
-    A plain object rather than a closure, so that a deep copy (or a pickle) of the model
-    carries a fast forward bound to the copy's own parameters.
-    """
 
-    def __init__(self, attn: nn.Module, replaced: Any) -> None:
-        self.attn = attn
-        self.replaced = replaced  # an instance forward set before ours (rare), else None
+# F.linear(x, W.T, b) on a contiguous input is torch.addmm(b, rows of x, W): the bias added
+# inside the product, and W's gradient computed in W's own [d_in, d_out] layout (Conv1D's).
 
-    def __call__(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
-        return fast_attention(self.attn, x)
+
+def fast_mlp(
+    mlp: nn.Module, x: Float[Tensor, "batch pos d_model"]
+) -> Float[Tensor, "batch pos d_model"]:
+    """GPT-2's MLP with `mlp`'s parameters: x @ W_in + b_in, the tanh GELU, @ W_out + b_out."""
+    pre = F.linear(x, mlp.W_in.T, mlp.b_in)
+    return F.linear(F.gelu(pre, approximate="tanh"), mlp.W_out.T, mlp.b_out)
+
+
+def fast_unembedding(
+    unembed: nn.Module, x: Float[Tensor, "batch pos d_model"]
+) -> Float[Tensor, "batch pos d_vocab"]:
+    """x @ W_U + b_U; on a tied unembedding x @ W_E^T + b_U with W_E as it is stored."""
+    tie = unembed.__dict__.get("weight_tie")
+    if isinstance(tie, _Tie):
+        # nn.Linear's layout: W_E's gradient is computed as [d_vocab, d_model] directly
+        return F.linear(x, tie.embed.W_E, unembed.b_U)
+    return F.linear(x, unembed.W_U.T, unembed.b_U)
+
+
+# ------------------------------------------------------------------ the components they replace
+
+
+@dataclass(frozen=True, eq=False)  # each one is itself: compared and hashed by identity
+class Component:
+    """One of the course's components as the fast path sees it."""
+
+    check_id: str  # the course's check for it, which every refusal names
+    computes: str  # what its kernel computes, in words ({eps} filled in for LayerNorm)
+    layout: dict[str, tuple[str, ...]]  # the contract's parameters and their axes
+    kernel: Callable[..., Tensor]  # (module, x, **settings) -> output
+    randomize: Callable[[nn.Module, dict[str, int], torch.Generator], None]  # a probe's weights
+    probe_input: Callable[[dict[str, int], int, torch.dtype, torch.Generator], Tensor]
+    nan_hint: str = ""  # where a NaN comes from, most often
+
+    @property
+    def command(self) -> str:
+        return f"gpt2-course check {self.check_id}"
+
+
+def _draw(
+    probe: nn.Module,
+    name: str,
+    shape: tuple[int, ...],
+    std: float,
+    g: torch.Generator,
+    mean: float = 0.0,
+) -> None:
+    """Fill the probe's parameter `name` with N(mean, std) values of the probe's dtype."""
+    param = dict(probe.named_parameters(recurse=False)).get(name)
+    dtype = param.dtype if param is not None else next(probe.parameters()).dtype
+    value = torch.randn(shape, generator=g, dtype=dtype) * std + mean
+    if param is not None:
+        with torch.no_grad():
+            param.copy_(value)  # in place: the forward may hold the parameter elsewhere too
+    else:  # a tied unembedding's W_U, a plain view of W_E^T: the probe gets its own
+        setattr(probe, name, nn.Parameter(value))
+
+
+def _randomize_attention(probe: nn.Module, sizes: dict[str, int], g: torch.Generator) -> None:
+    """Weights that make attention scores of order 1, so that every mistake shows."""
+    for param, axes in ATTENTION_LAYOUT.items():
+        fan_in = sizes["n_heads"] * sizes["d_head"] if param == "W_O" else sizes["d_model"]
+        std = fan_in**-0.5 if param.startswith("W") else 0.3
+        _draw(probe, param, tuple(sizes[a] for a in axes), std, g)
+
+
+def _randomize_layer_norm(probe: nn.Module, sizes: dict[str, int], g: torch.Generator) -> None:
+    _draw(probe, "w", (sizes["d_model"],), 0.5, g, mean=1.0)  # a forgotten w shows
+    _draw(probe, "b", (sizes["d_model"],), 0.3, g)
+
+
+def _randomize_mlp(probe: nn.Module, sizes: dict[str, int], g: torch.Generator) -> None:
+    d_model, d_mlp = sizes["d_model"], sizes["d_mlp"]
+    # pre-activations of order 1-3, where the tanh GELU and the others part most
+    _draw(probe, "W_in", (d_model, d_mlp), 1.5 * d_model**-0.5, g)
+    _draw(probe, "b_in", (d_mlp,), 0.5, g)
+    _draw(probe, "W_out", (d_mlp, d_model), d_mlp**-0.5, g)
+    _draw(probe, "b_out", (d_model,), 0.3, g)
+
+
+def _randomize_unembedding(probe: nn.Module, sizes: dict[str, int], g: torch.Generator) -> None:
+    # the check runs the class's code on W_U itself: a tied probe lets go of W_E
+    probe.__dict__.pop("weight_tie", None)
+    _draw(probe, "W_U", (sizes["d_model"], sizes["d_vocab"]), sizes["d_model"] ** -0.5, g)
+    _draw(probe, "b_U", (sizes["d_vocab"],), 0.3, g)
+
+
+def _residual_input(
+    sizes: dict[str, int], pos: int, dtype: torch.dtype, g: torch.Generator
+) -> Float[Tensor, "batch pos d_model"]:
+    return torch.randn(2, pos, sizes["d_model"], generator=g, dtype=dtype)
+
+
+def _spread_input(
+    sizes: dict[str, int], pos: int, dtype: torch.dtype, g: torch.Generator
+) -> Float[Tensor, "batch pos d_model"]:
+    """Residual vectors of every size from 1e-3 to 10, each around its own mean: tiny ones
+    make epsilon matter (how and where it is added), the means make centring matter."""
+    x = _residual_input(sizes, pos, dtype, g)
+    sizes_in_order = torch.logspace(-3, 1, x.shape[0] * pos, dtype=dtype)
+    shuffled = sizes_in_order[torch.randperm(x.shape[0] * pos, generator=g)]
+    scale = einops.rearrange(shuffled, "(batch pos) -> batch pos 1", pos=pos)
+    mean = torch.randn(x.shape[0], pos, 1, generator=g, dtype=dtype)
+    return (x + mean) * scale
+
+
+def _mlp_input(
+    sizes: dict[str, int], pos: int, dtype: torch.dtype, g: torch.Generator
+) -> Float[Tensor, "batch pos d_model"]:
+    """Residual vectors of order 1, and one 20 times larger: pre-activations of order 30,
+    where a GELU written with exp overflows."""
+    x = _residual_input(sizes, pos, dtype, g)
+    x[-1, -1] *= 20
+    return x
+
+
+ATTENTION_LAYOUT = {
+    **{w: ("n_heads", "d_model", "d_head") for w in ("W_Q", "W_K", "W_V")},
+    "W_O": ("n_heads", "d_head", "d_model"),
+    **{b: ("n_heads", "d_head") for b in ("b_Q", "b_K", "b_V")},
+    "b_O": ("d_model",),
+}
+ATTENTION = Component(
+    check_id="attention.MultiHeadAttention",
+    computes="causal softmax attention",
+    layout=ATTENTION_LAYOUT,
+    kernel=fast_attention,
+    randomize=_randomize_attention,
+    probe_input=_residual_input,
+    nan_hint=(
+        " (from the mask, most often: a query left with no key, 0 * -inf, or -inf after the "
+        "softmax)"
+    ),
+)
+MLP = Component(
+    check_id="mlp.MLP",
+    computes="GPT-2's MLP (x @ W_in + b_in, the tanh GELU, then @ W_out + b_out)",
+    layout={
+        "W_in": ("d_model", "d_mlp"),
+        "b_in": ("d_mlp",),
+        "W_out": ("d_mlp", "d_model"),
+        "b_out": ("d_model",),
+    },
+    kernel=fast_mlp,
+    randomize=_randomize_mlp,
+    probe_input=_mlp_input,
+    nan_hint=" (tanh written with exp overflows to inf / inf for large inputs)",
+)
+UNEMBEDDING = Component(
+    check_id="embeddings.Unembedding",
+    computes="the unembedding (logits x @ W_U + b_U)",
+    layout={"W_U": ("d_model", "d_vocab"), "b_U": ("d_vocab",)},
+    kernel=fast_unembedding,
+    randomize=_randomize_unembedding,
+    probe_input=_residual_input,
+)
+LAYER_NORM = Component(
+    check_id="layernorm.LayerNorm",
+    computes=(
+        "GPT-2's LayerNorm (mean and biased variance over d_model, eps = {eps:g} inside the "
+        "square root, then * w + b)"
+    ),
+    layout={"w": ("d_model",), "b": ("d_model",)},
+    kernel=fast_layer_norm,
+    randomize=_randomize_layer_norm,
+    probe_input=_spread_input,
+)
+# in the order they are recognised: a module is the first whose parameters it all holds
+COMPONENTS = (ATTENTION, MLP, UNEMBEDDING, LAYER_NORM)
+
+# kept for use_fast_attention's callers
+ATTENTION_PARAMETERS = tuple(ATTENTION_LAYOUT)
+CHECK_COMMAND = ATTENTION.command
+
+
+def _contract_tensors(module: nn.Module) -> dict[str, Tensor]:
+    """The module's own parameters by name; for a tied unembedding also W_U (W_E^T)."""
+    own: dict[str, Tensor] = dict(module.named_parameters(recurse=False))
+    tie = module.__dict__.get("weight_tie")
+    if isinstance(tie, _Tie):
+        own.setdefault("W_U", tie.embed.W_E.T)
+    return own
+
+
+def fast_kernel_modules(model: nn.Module) -> list[tuple[str, nn.Module, Component]]:
+    """(name, module, component) for every module of `model` (itself included) that holds
+    all the contract's parameters of one component."""
+    found = []
+    for name, module in model.named_modules():
+        own = _contract_tensors(module)
+        for component in COMPONENTS:
+            if all(param in own for param in component.layout):
+                found.append((name, module, component))
+                break
+    return found
 
 
 def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(name, module) for every module of `model` (itself included) holding the contract's
     attention parameters."""
-    found = []
-    for name, module in model.named_modules():
-        own = dict(module.named_parameters(recurse=False))
-        if all(p in own for p in ATTENTION_PARAMETERS):
-            found.append((name, module))
-    return found
+    return [(name, m) for name, m, kind in fast_kernel_modules(model) if kind is ATTENTION]
 
 
-def _describe(name: str, attn: nn.Module) -> str:
-    where = f"{type(attn).__module__.replace('.', '/')}.py"
-    return f"{type(attn).__name__} ({name or 'the model itself'}, from {where})"
+def _describe(name: str, module: nn.Module) -> str:
+    where = f"{type(module).__module__.replace('.', '/')}.py"
+    return f"{type(module).__name__} ({name or 'the model itself'}, from {where})"
 
 
-def _check_shapes(name: str, attn: nn.Module) -> None:
-    if attn.W_Q.dim() != 3:
-        raise FastPathError(
-            f"{_describe(name, attn)}: W_Q has shape {list(attn.W_Q.shape)}; the fast path needs "
-            "the contract's [n_heads, d_model, d_head]"
-        )
-    heads, d_model, d_head = attn.W_Q.shape
-    expected = {
-        **{w: (heads, d_model, d_head) for w in ("W_Q", "W_K", "W_V")},
-        "W_O": (heads, d_head, d_model),
-        **{b: (heads, d_head) for b in ("b_Q", "b_K", "b_V")},
-        "b_O": (d_model,),
-    }
-    for param, shape in expected.items():
-        actual = tuple(getattr(attn, param).shape)
-        if actual != shape:
+def _check_shapes(component: Component, name: str, module: nn.Module) -> dict[str, int]:
+    """The sizes (d_model, ...) the module's parameters give, all consistent with the
+    contract's layout; else FastPathError."""
+    sizes: dict[str, int] = {}
+    source: dict[str, str] = {}  # the parameter each size was read from
+    for param, axes in component.layout.items():
+        shape = tuple(_contract_tensors(module)[param].shape)
+        if len(shape) != len(axes):
             raise FastPathError(
-                f"{_describe(name, attn)}: {param} has shape {list(actual)}, the contract's is "
-                f"{list(shape)} (n_heads={heads}, d_model={d_model}, d_head={d_head}). "
-                "Keep the parameters of the exercise stub."
+                f"{_describe(name, module)}: {param} has shape {list(shape)}; the fast path "
+                f"needs the contract's [{', '.join(axes)}]"
             )
+        for axis, size in zip(axes, shape, strict=True):
+            sizes.setdefault(axis, size)
+            source.setdefault(axis, param)
+        expected = tuple(sizes[axis] for axis in axes)
+        if shape != expected:
+            known = ", ".join(f"{axis}={size} from {source[axis]}" for axis, size in sizes.items())
+            raise FastPathError(
+                f"{_describe(name, module)}: {param} has shape {list(shape)}, the contract's "
+                f"is {list(expected)} ({known}). Keep the parameters of the exercise stub."
+            )
+    return sizes
 
 
-def _randomize(probe: nn.Module, generator: torch.Generator) -> None:
-    """Weights that make attention scores of order 1, so that every mistake shows."""
-    heads, d_model, d_head = probe.W_Q.shape
-    with torch.no_grad():
-        for param in ATTENTION_PARAMETERS:
-            value = getattr(probe, param)
-            fan_in = heads * d_head if param == "W_O" else d_model
-            std = fan_in**-0.5 if param.startswith("W") else 0.3
-            value.copy_(torch.randn(value.shape, generator=generator, dtype=value.dtype) * std)
+def _settings(component: Component, name: str, module: nn.Module, model: nn.Module) -> dict:
+    """What the kernel needs besides the parameters: LayerNorm's epsilon, from the module's
+    cfg (else the model's)."""
+    if component is not LAYER_NORM:
+        return {}
+    for owner in (module, model):
+        eps = getattr(getattr(owner, "cfg", None), "layer_norm_eps", None)
+        if isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0:
+            return {"eps": float(eps)}
+    raise FastPathError(
+        f"{_describe(name, module)}: neither it nor the model has a cfg with layer_norm_eps, "
+        "so the fast LayerNorm does not know its epsilon. Keep the exercise stub's self.cfg."
+    )
 
 
-def check_attention(attn: nn.Module, name: str = "") -> None:
-    """Refuse (FastPathError) unless `attn`'s own forward computes causal softmax attention.
+def _check(
+    component: Component,
+    module: nn.Module,
+    name: str = "",
+    settings: dict | None = None,
+    via: str = "use_fast_kernels",
+) -> None:
+    """Refuse (FastPathError) unless `module`'s own forward computes what `component`'s
+    kernel computes, with `settings`.
 
     Runs on a float64 copy on the CPU with random weights and inputs (float32 where the
     module's code does not run in float64), from a private random generator: the model,
     its weights and the global random state are untouched.
     """
-    what = _describe(name, attn)
-    heads, d_model, d_head = attn.W_Q.shape
-    n_ctx = getattr(getattr(attn, "cfg", None), "n_ctx", 7)
+    settings = settings or {}
+    what, command = _describe(name, module), component.command
+    computes = component.computes.format(**settings)
+    sizes = _check_shapes(component, name, module)
+    n_ctx = getattr(getattr(module, "cfg", None), "n_ctx", 7)
     pos = max(1, min(7, n_ctx))
     try:
-        probe = copy.deepcopy(attn).eval()
+        probe = copy.deepcopy(module).eval()
     except Exception as error:
         raise FastPathError(
             f"{what} cannot be copied to check it ({type(error).__name__}: {error}). "
-            "use_fast_attention(model, check=False) swaps without the check."
+            f"{via}(model, check=False) swaps without the check."
         ) from None
     failure = None
     for dtype in (torch.float64, torch.float32):
         generator = torch.Generator().manual_seed(0)
         try:
             probe.to("cpu", dtype)
-            _randomize(probe, generator)
-            x = torch.randn(2, pos, d_model, generator=generator, dtype=dtype)
+            component.randomize(probe, sizes, generator)
+            x = component.probe_input(sizes, pos, dtype, generator)
             # a caller's autocast must not lower the float32 try to bf16
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                expected = fast_attention(probe, x)
+                expected = component.kernel(probe, x, **settings)
                 got = probe.forward(x.clone())  # its own forward, without the module's hooks
         except Exception as error:  # e.g. code that only runs in float32: try that next
             failure = f"{type(error).__name__}: {error}"
@@ -161,34 +370,126 @@ def check_attention(attn: nn.Module, name: str = "") -> None:
         break
     else:
         raise FastPathError(
-            f"{what}: its forward fails ({failure}), so it cannot be checked against causal "
-            f"softmax attention, and the fast path would hide that. Run `{CHECK_COMMAND}`."
+            f"{what}: its forward fails ({failure}), so it cannot be checked against "
+            f"{computes}, and the fast path would hide that. Run `{command}`."
         )
     if not isinstance(got, Tensor) or got.shape != expected.shape:
         shape = list(got.shape) if isinstance(got, Tensor) else type(got).__name__
         raise FastPathError(
-            f"{what} returns {shape} for an input of shape {list(x.shape)}; causal attention "
-            f"returns {list(expected.shape)}. The fast path would hide that: run `{CHECK_COMMAND}`."
+            f"{what} returns {shape} for an input of shape {list(x.shape)}; {computes} "
+            f"returns {list(expected.shape)}. The fast path would hide that: run `{command}`."
         )
     # relative; float64 leaves room for a constant computed in float32 (a scale, say),
-    # while every mistake of the course's mistake library moves outputs by far more
+    # while every mistake of the course's mistake libraries moves outputs by far more
     tolerance = 1e-6 if got.dtype == torch.float64 else 1e-4
     gap = (got.to(dtype) - expected).abs().max().item()
     size = expected.abs().max().item()
     if gap <= tolerance * max(size, 1.0):  # False for NaN too
         return
     if gap != gap:  # NaN
-        how = (
-            "gives NaN where causal softmax attention gives numbers (from the mask, most often: "
-            "a query left with no key, 0 * -inf, or -inf after the softmax)"
-        )
+        how = f"gives NaN where {computes} gives numbers{component.nan_hint}"
     else:
         how = f"differs by up to {gap:.3g} (outputs of size {size:.3g}) on random inputs"
     raise FastPathError(
-        f"{what} does not match causal softmax attention: its output {how}. The fast path "
-        "computes correct attention and would hide this mistake. Find it with "
-        f"`{CHECK_COMMAND}`; use_fast_attention(model, check=False) swaps anyway."
+        f"{what} does not match {computes}: its output {how}. The fast path computes it "
+        f"correctly and would hide this mistake. Find it with `{command}`; "
+        f"{via}(model, check=False) swaps anyway."
     )
+
+
+def check_attention(attn: nn.Module, name: str = "") -> None:
+    """Refuse (FastPathError) unless `attn`'s own forward computes causal softmax attention."""
+    _check(ATTENTION, attn, name, via="use_fast_attention")
+
+
+# ------------------------------------------------------------------ swapping forwards
+
+
+class _FastForward:
+    """The forward put on one module: its kernel; keeps whatever instance forward it replaced.
+
+    A plain object rather than a closure, so that a deep copy (or a pickle) of the model
+    carries a fast forward bound to the copy's own parameters.
+    """
+
+    def __init__(self, module: nn.Module, replaced: Any, kernel: Callable[..., Tensor]) -> None:
+        self.module = module
+        self.replaced = replaced  # an instance forward set before ours (rare), else None
+        self.kernel = kernel  # the component's kernel, its settings bound (a partial)
+
+    def __call__(self, x: Float[Tensor, "batch pos d_model"]) -> Tensor:
+        return self.kernel(self.module, x)
+
+
+def _is_fast(module: nn.Module) -> bool:
+    return isinstance(module.__dict__.get("forward"), _FastForward)
+
+
+def _swap(
+    model: nn.Module, found: list[tuple[str, nn.Module, Component]], check: bool, via: str
+) -> nn.Module:
+    """Check every module not on the fast path yet (once per class and settings: the code
+    is what is checked), then swap them all; nothing is swapped unless all pass."""
+    to_swap = [
+        (name, module, kind, _settings(kind, name, module, model))
+        for name, module, kind in found
+        if not _is_fast(module)
+    ]
+    for name, module, component, _ in to_swap:
+        _check_shapes(component, name, module)
+    if check:
+        checked: set[tuple] = set()
+        for name, module, component, settings in to_swap:
+            key = (component.check_id, type(module), tuple(sorted(settings.items())))
+            if key not in checked:
+                _check(component, module, name, settings, via)
+                checked.add(key)
+    for _, module, component, settings in to_swap:
+        # an instance attribute wins over the class's forward; deleting it restores that
+        kernel = partial(component.kernel, **settings)
+        module.forward = _FastForward(module, module.__dict__.get("forward"), kernel)
+    return model
+
+
+def _restore(module: nn.Module) -> None:
+    fast = module.__dict__.get("forward")
+    if isinstance(fast, _FastForward):
+        del module.forward
+        if fast.replaced is not None:
+            module.forward = fast.replaced
+
+
+def use_fast_kernels(model: nn.Module, *, check: bool = True) -> nn.Module:
+    """Run every component of `model` that the fast path knows on torch's kernels (in place;
+    returns model): attention, LayerNorm, the MLP and the unembedding, each recognised by
+    the contract's parameter names and shapes.
+
+    With `check`, each module's own forward is first checked against its kernel; nothing
+    is swapped unless all pass. Modules already on the fast path are left as they are.
+    """
+    found = fast_kernel_modules(model)
+    if not found:
+        names = "; ".join(", ".join(c.layout) for c in COMPONENTS)
+        raise FastPathError(
+            f"{type(model).__name__} has no module with the contract's parameters of attention, "
+            f"the MLP, the unembedding or LayerNorm ({names}): there is nothing to put on the "
+            "fast path"
+        )
+    return _swap(model, found, check, via="use_fast_kernels")
+
+
+def use_own_forwards(model: nn.Module) -> nn.Module:
+    """Put every module of `model` back on its own forward, undoing `use_fast_kernels` and
+    `use_fast_attention` (in place; returns model)."""
+    for _, module, _ in fast_kernel_modules(model):
+        _restore(module)
+    return model
+
+
+def has_fast_kernels(model: nn.Module) -> bool:
+    """Whether `model` has modules the fast path knows and every one runs on its kernel."""
+    found = fast_kernel_modules(model)
+    return bool(found) and all(_is_fast(module) for _, module, _ in found)
 
 
 def use_fast_attention(model: nn.Module, *, check: bool = True) -> nn.Module:
@@ -198,39 +499,20 @@ def use_fast_attention(model: nn.Module, *, check: bool = True) -> nn.Module:
     attention (`check_attention`); nothing is swapped unless all pass. Modules already
     on the fast path are left as they are.
     """
-    modules = attention_modules(model)
-    if not modules:
+    found = [entry for entry in fast_kernel_modules(model) if entry[2] is ATTENTION]
+    if not found:
         raise FastPathError(
             f"{type(model).__name__} has no attention module (one with parameters "
             f"{', '.join(ATTENTION_PARAMETERS)}): there is nothing to put on the fast path"
         )
-    to_swap = [(name, attn) for name, attn in modules if not _is_fast(attn)]
-    for name, attn in to_swap:
-        _check_shapes(name, attn)
-    if check:
-        checked: set[type] = set()
-        for name, attn in to_swap:
-            if type(attn) not in checked:  # the code is what is checked: once per class
-                check_attention(attn, name)
-                checked.add(type(attn))
-    for _, attn in to_swap:
-        # an instance attribute wins over the class's forward; deleting it restores that
-        attn.forward = _FastForward(attn, attn.__dict__.get("forward"))
-    return model
-
-
-def _is_fast(attn: nn.Module) -> bool:
-    return isinstance(attn.__dict__.get("forward"), _FastForward)
+    return _swap(model, found, check, via="use_fast_attention")
 
 
 def use_einsum_attention(model: nn.Module) -> nn.Module:
-    """Put every attention module of `model` back on its own forward (in place; returns model)."""
+    """Put every attention module of `model` back on its own forward (in place; returns model);
+    the other components stay as they are (`use_own_forwards` restores them all)."""
     for _, attn in attention_modules(model):
-        fast = attn.__dict__.get("forward")
-        if isinstance(fast, _FastForward):
-            del attn.forward
-            if fast.replaced is not None:
-                attn.forward = fast.replaced
+        _restore(attn)
     return model
 
 

@@ -123,6 +123,9 @@ class TrainConfig:
     sample_tokens: int = 30
     temperature: float = 0.8
     init_output_bias: bool = True  # start b_U at the unigram log-frequencies
+    output_bias: bool = (
+        True  # False: as in GPT-2, no bias on the logits (b_U stays zero, untrained)
+    )
     val_fraction: float = 0.1
     seed: int = 0
     out_dir: str | None = None  # default: default_checkpoint_dir()
@@ -133,6 +136,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto": bf16 autocast on GPUs that support it, else fp32
     compile: bool = False  # torch.compile the model
     fast_attention: bool = False  # your attention's weights in F.scaled_dot_product_attention
+    fast_kernels: bool = False  # every component on torch's kernels (attention included)
     tie_weights: bool = False  # GPT-2's W_U = W_E^T
     scale_init: bool = False  # GPT-2's 1/sqrt(2 n_layers) on the weights writing to the residual
     hellaswag_interval: int = 0  # steps between HellaSwag evaluations (0: none)
@@ -238,6 +242,12 @@ def build_model(cfg: TransformerConfig, seed: int, config: TrainConfig | None = 
     with torch.random.fork_rng(devices=[]), _clear_errors("transformer.Transformer"):
         torch.manual_seed(seed)
         model = _part("transformer.Transformer")(cfg)
+    if config is not None and not config.output_bias and hasattr(model, "unembed"):
+        b_U = getattr(model.unembed, "b_U", None)
+        if isinstance(b_U, nn.Parameter):
+            with torch.no_grad():
+                b_U.zero_()
+            b_U.requires_grad_(False)  # so the optimizer leaves it out, and backward skips it
     if config is not None and (config.scale_init or config.tie_weights):
         from gpt2_course import fast
 
@@ -648,7 +658,13 @@ def _describe_scale(
         f"Global batch {config.batch_size} windows ({config.batch_size * seq_len:,} tokens) = "
         f"{place.world} process(es) x {accumulate} micro-batch(es) of {micro}; "
         f"{'bf16 autocast' if dtype is not None else 'fp32'}"
-        + (", fused attention" if config.fast_attention else "")
+        + (
+            ", torch's kernels for every component"
+            if config.fast_kernels
+            else ", fused attention"
+            if config.fast_attention
+            else ""
+        )
         + (", compiled" if config.compile else "")
     )
 
@@ -656,14 +672,15 @@ def _describe_scale(
 def _wrap_for_training(
     model: nn.Module, config: TrainConfig, device: torch.device, place: Any
 ) -> nn.Module:
-    """The module the training steps call: the model itself, with the fused attention
-    where asked, inside DistributedDataParallel when there are several processes, compiled
-    where asked. Evaluation, samples and checkpoints use `model`, unwrapped."""
-    if config.fast_attention:
-        from gpt2_course.fast import FastPathError, use_fast_attention
+    """The module the training steps call: the model itself, with the fused attention (or
+    torch's kernels for every component) where asked, inside DistributedDataParallel when
+    there are several processes, compiled where asked. Evaluation, samples and checkpoints
+    use `model`, unwrapped (on the fast path too: the same numbers)."""
+    if config.fast_attention or config.fast_kernels:
+        from gpt2_course.fast import FastPathError, use_fast_attention, use_fast_kernels
 
         try:
-            use_fast_attention(model)
+            (use_fast_kernels if config.fast_kernels else use_fast_attention)(model)
         except FastPathError as error:
             raise TrainingError(str(error)) from None
     trained = model
@@ -842,7 +859,12 @@ def train(
     base_dict = base.as_dict()
 
     model = build_model(cfg, config.seed, config)
-    if config.init_output_bias and hasattr(model, "unembed") and hasattr(model.unembed, "b_U"):
+    if (
+        config.init_output_bias
+        and config.output_bias
+        and hasattr(model, "unembed")
+        and hasattr(model.unembed, "b_U")
+    ):
         # Start from the unigram model: the first steps need not learn token frequencies.
         with torch.no_grad():
             model.unembed.b_U.copy_(unigram_log_probs(counted, cfg.d_vocab, base.unigram_k))
@@ -945,7 +967,13 @@ def train(
         + ", ".join(f"{k} {v:.3f}" for k, v in base_dict.items())
     )
     trained = _wrap_for_training(model, config, device, place)
-    if place.parallel or micro < per_process or config.precision != "fp32":
+    if (
+        place.parallel
+        or micro < per_process
+        or autocast.dtype
+        or config.fast_attention
+        or config.fast_kernels
+    ):
         say(_describe_scale(config, place, per_process, micro, autocast.dtype, data.seq_len))
     distributed.barrier()  # rank 0 has set any earlier checkpoint aside: all may start
     end = min(config.steps, config.stop_at or config.steps)  # this run stops here
@@ -1272,7 +1300,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="your attention's weights in F.scaled_dot_product_attention (checked first)",
     )
+    scale.add_argument(
+        "--fast-kernels",
+        action="store_true",
+        help="torch's fused kernels for every component, each checked against yours first; "
+        "implies --fast-attention",
+    )
     scale.add_argument("--tie-weights", action="store_true", help="GPT-2's W_U = W_E^T")
+    scale.add_argument(
+        "--no-output-bias",
+        action="store_true",
+        help="as in GPT-2, no bias on the logits (b_U stays zero, untrained)",
+    )
     scale.add_argument(
         "--scale-init", action="store_true", help="GPT-2's 1/sqrt(2 n_layers) residual init"
     )
@@ -1344,8 +1383,10 @@ def _train_here(args: argparse.Namespace, place: Any) -> int:
             device=args.device,
             precision=args.precision,
             compile=args.compile,
-            fast_attention=args.fast_attention,
+            fast_attention=args.fast_attention or args.fast_kernels,  # one implies the other
+            fast_kernels=args.fast_kernels,
             tie_weights=args.tie_weights,
+            output_bias=not args.no_output_bias,
             scale_init=args.scale_init,
             hellaswag_interval=args.hellaswag,
             hellaswag_examples=args.hellaswag_examples,

@@ -78,7 +78,9 @@ def test_scale_training_hf_twin_holds_the_course_weights_and_optimizer_groups():
     course_groups = sizes(configure_optimizer(course, 1e-3, 0.1))
     hf_groups = sizes(scale_training.hf_optimizer(hf, 1e-3, 0.1))
     assert hf_groups[0] == course_groups[0]  # the same weights decay
-    assert hf_groups[1] + cfg.d_vocab == course_groups[1]  # the course's b_U: GPT-2 has none
+    # the course's b_U stays zero and untrained (GPT-2 has none): the same trainable weights
+    assert hf_groups == course_groups
+    assert not course.unembed.b_U.requires_grad and not course.unembed.b_U.any()
 
 
 def test_scale_training_benchmark_refuses_models_that_disagree(monkeypatch):

@@ -1,5 +1,6 @@
 """Scaling up: several processes (DDP on gloo), gradient accumulation, bf16, the fused
-attention path and GPT-2's initialisation options give the run one process makes.
+attention path, torch's kernels for every component and GPT-2's initialisation options give
+the run one process makes.
 
 The runs are `gpt2-course train` itself: in this process for one process, and through
 torchrun (`--processes 2`, or `python -m torch.distributed.run ... -m gpt2_course.train`)
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt2_course import distributed, parts, trainer
+from gpt2_course import distributed, fast, parts, trainer
 from gpt2_course.cli import main
 from gpt2_course.trainer import TrainConfig, TrainingError, load_checkpoint
 
@@ -137,6 +138,21 @@ def test_the_fused_attention_path_trains_the_same_model(corpus, single, tmp_path
     assert_same_weights(single, tmp_path / "fused")
 
 
+def test_torchs_kernels_for_every_component_train_the_same_model(
+    corpus, single, tmp_path, monkeypatch
+):
+    swapped = []  # the models the trainer put on the fast kernels
+    real = fast.use_fast_kernels
+    monkeypatch.setattr(fast, "use_fast_kernels", lambda model: swapped.append(real(model)))
+    kernels = one_process(corpus, tmp_path / "kernels", "--fast-kernels")
+    assert len(swapped) == 1 and fast.has_fast_kernels(swapped[0])
+    assert kernels["train_config"]["fast_kernels"]
+    assert kernels["train_config"]["fast_attention"]  # implied
+    assert_same_run(saved(single), kernels)
+    # the checkpoint is an ordinary one: the learner's components read it back
+    assert_same_weights(single, tmp_path / "kernels")
+
+
 def test_bf16_autocast_trains_close_to_fp32(corpus, single, tmp_path):
     bf16 = one_process(corpus, tmp_path / "bf16", "--precision", "bf16")
     fp32 = saved(single)
@@ -219,3 +235,14 @@ def test_more_processes_than_gpus_is_refused_before_joining(monkeypatch):
     with pytest.raises(RuntimeError, match="start at most 1 processes per machine"):
         distributed.start("cuda")
     assert not torch.distributed.is_initialized()
+
+
+def test_without_an_output_bias_b_U_stays_zero_and_untrained(corpus, tmp_path):
+    out = tmp_path / "no-bias"
+    meta = one_process(corpus, out, "--no-output-bias", "--tie-weights")
+    assert meta["train_config"]["output_bias"] is False
+    model = load(out)
+    assert torch.count_nonzero(model.unembed.b_U) == 0  # the unigram start was skipped too
+    state = torch.load(out / "optimizer.pt", weights_only=True)
+    trained = sum(len(group["params"]) for group in state["param_groups"])
+    assert trained == sum(1 for p in model.parameters()) - 1  # every parameter but b_U

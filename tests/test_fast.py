@@ -2,6 +2,8 @@
 FLOP counts behind MFU: same numbers as the teaching path, and clear refusals."""
 
 import copy
+import dataclasses
+import re
 
 import einops
 import pytest
@@ -10,13 +12,21 @@ from torch import nn
 
 from gpt2_course import fast, parts, throughput, trainer
 from gpt2_course.checks.mistakes.attention import MISTAKES as MISTAKE_LIBRARY
+from gpt2_course.checks.mistakes.embeddings import MISTAKES as EMBEDDINGS_LIBRARY
+from gpt2_course.checks.mistakes.layernorm import MISTAKES as LAYER_NORM_LIBRARY
+from gpt2_course.checks.mistakes.mlp import MISTAKES as MLP_LIBRARY
+from gpt2_course.checks.mistakes.mlp import mlp_with
 from gpt2_course.config import TransformerConfig
 from gpt2_course.exercises.attention import MultiHeadAttention as StubAttention
+from gpt2_course.exercises.layernorm import LayerNorm as StubLayerNorm
+from gpt2_course.exercises.mlp import MLP as StubMLP
 from gpt2_course.fast import FastPathError
 from gpt2_course.reference_parts.attention import MultiHeadAttention as ReferenceAttention
 from gpt2_course.reference_parts.transformer import Transformer as ReferenceTransformer
 from gpt2_course.throughput import ThroughputError
 from solutions.attention import MultiHeadAttention as SolutionAttention
+from solutions.layernorm import LayerNorm as SolutionLayerNorm
+from solutions.mlp import MLP as SolutionMLP
 
 CFG = TransformerConfig(d_model=32, n_heads=4, d_head=8, d_mlp=64, n_layers=2, n_ctx=16, d_vocab=97)
 CHECK_HINT = "gpt2-course check attention.MultiHeadAttention"
@@ -37,6 +47,10 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
 def solution_transformer(seed: int = 0) -> nn.Module:
     with parts.using(parts.SOLUTIONS):
         return randomize(trainer.build_model(CFG, seed), seed)
+
+
+def reference_transformer(seed: int = 0) -> nn.Module:
+    return randomize(ReferenceTransformer(CFG), seed)
 
 
 def reference_transformer_with_solution_attention(seed: int = 0) -> nn.Module:
@@ -274,7 +288,7 @@ def test_fast_path_keeps_parameters_and_state_dict():
     assert all(torch.equal(after[name], value) for name, value in before.items())
     assert all(a is b for a, b in zip(model.parameters(), params, strict=True))
     copied = copy.deepcopy(model)  # a copy runs on its own parameters
-    assert copied.blocks[0].attn.forward.attn is copied.blocks[0].attn
+    assert copied.blocks[0].attn.forward.module is copied.blocks[0].attn
     fast.use_einsum_attention(model)
     assert list(model.state_dict()) == list(before)
 
@@ -494,3 +508,223 @@ def test_float32_peak_follows_torchs_tf32_setting(monkeypatch):
             assert throughput.peak_flops("cuda", torch.float32) == 51e12
     finally:
         torch.set_float32_matmul_precision(precision)
+
+
+# ------------------------------------------------------------------ every component's kernel
+
+# the modules of a 2-block Transformer, by the check of the component each one is
+EVERY_COMPONENT = {
+    "attention.MultiHeadAttention": 2,
+    "mlp.MLP": 2,
+    "embeddings.Unembedding": 1,
+    "layernorm.LayerNorm": 5,
+}
+
+
+def swapped_components(model: nn.Module) -> dict[str, int]:
+    """How many modules of each component `model` has, each asserted to be on its kernel."""
+    counts: dict[str, int] = {}
+    for _, module, component in fast.fast_kernel_modules(model):
+        assert "forward" in module.__dict__, component.check_id
+        counts[component.check_id] = counts.get(component.check_id, 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("build", [solution_transformer, reference_transformer])
+def test_fast_kernels_give_the_whole_models_logits_and_gradients(build, tied):
+    own = build()
+    if tied:
+        fast.tie_weights(own)
+    quick = fast.use_fast_kernels(copy.deepcopy(own))
+    assert fast.has_fast_kernels(quick) and not fast.has_fast_kernels(own)
+    assert swapped_components(quick) == EVERY_COMPONENT
+    assert fast.has_tied_weights(quick) == tied
+    tokens = torch.randint(0, CFG.d_vocab, (3, 7), generator=torch.Generator().manual_seed(3))
+    logits_own, logits_fast = own(tokens), quick(tokens)
+    assert_close_to_scale(logits_fast, logits_own, "logits")
+    weights = torch.randn(logits_own.shape)
+    (logits_own * weights).sum().backward()
+    (logits_fast * weights).sum().backward()
+    assert_same_gradients(quick, own)
+
+
+def test_the_tied_fast_unembedding_reads_w_e_itself():
+    tied = fast.use_fast_kernels(fast.tie_weights(solution_transformer(seed=5)))
+    x = torch.randn(2, 4, CFG.d_model)
+    with torch.no_grad():
+        tied.embed.W_E.mul_(2)  # after the swap: the kernel follows the embedding
+    expected = x @ tied.embed.W_E.T + tied.unembed.b_U
+    torch.testing.assert_close(tied.unembed(x), expected)
+    tied.unembed(x).sum().backward()
+    assert tied.embed.W_E.grad.stride() == tied.embed.W_E.stride()  # in W_E's own layout
+
+
+def test_the_fast_layer_norm_uses_the_modules_epsilon():
+    cfg = dataclasses.replace(CFG, layer_norm_eps=0.1)
+    ln = randomize(SolutionLayerNorm(cfg), seed=6)
+    x = torch.randn(2, 5, CFG.d_model) * 0.3  # a variance of the order of eps
+    own = ln(x)
+    fast.use_fast_kernels(ln)
+    assert fast.has_fast_kernels(ln)
+    torch.testing.assert_close(ln(x), own)
+    assert not torch.allclose(ln(x), fast.fast_layer_norm(ln, x, eps=1e-5), atol=1e-3)
+
+
+def test_a_layer_norm_without_cfg_takes_the_models_epsilon_or_is_refused():
+    class BareLayerNorm(nn.Module):  # w and b, no cfg
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = nn.Parameter(torch.ones(8)), nn.Parameter(torch.zeros(8))
+
+        def forward(self, x):
+            return torch.nn.functional.layer_norm(x, (8,), self.w, self.b, 1e-3)
+
+    holder = nn.Module()
+    holder.ln = BareLayerNorm()
+    with pytest.raises(FastPathError, match="nor the model has a cfg with layer_norm_eps.*epsilon"):
+        fast.use_fast_kernels(holder)
+    holder.cfg = dataclasses.replace(CFG, layer_norm_eps=1e-3)  # the model's cfg
+    assert fast.has_fast_kernels(fast.use_fast_kernels(holder))
+
+
+# Each mistake library's wrong components: every one that changes the numbers is refused.
+SAME_NUMBERS = {"own_eps"}  # its own 1e-5 is CFG.layer_norm_eps: the same numbers here
+KERNEL_LIBRARY = [
+    pytest.param(check, mistake.implementation, mistake.name, id=f"{check}-{mistake.name}")
+    for library in (LAYER_NORM_LIBRARY, MLP_LIBRARY, EMBEDDINGS_LIBRARY)
+    for check, mistakes in library.items()
+    if check in ("layernorm.LayerNorm", "mlp.MLP", "embeddings.Unembedding")
+    for mistake in mistakes
+] + [  # the wrong GELUs, each inside the reference MLP
+    pytest.param("mlp.MLP", mlp_with(activation=m.implementation), m.name, id=f"gelu-{m.name}")
+    for m in MLP_LIBRARY["mlp.gelu_new"]
+]
+
+
+@pytest.mark.parametrize("check, implementation, name", KERNEL_LIBRARY)
+def test_every_wrong_component_of_the_mistake_libraries_is_refused(check, implementation, name):
+    module = implementation(CFG)
+    if name in SAME_NUMBERS:
+        assert fast.has_fast_kernels(fast.use_fast_kernels(module))
+        return
+    with pytest.raises(FastPathError) as refusal:
+        fast.use_fast_kernels(module)
+    message = str(refusal.value)
+    assert "does not match" in message and "would hide this mistake" in message
+    assert ("its output differs by up to" in message) or ("gives NaN where" in message)
+    assert f"`gpt2-course check {check}`" in message
+    assert not fast.has_fast_kernels(module) and "forward" not in module.__dict__
+
+
+def test_an_epsilon_of_its_own_is_refused_where_cfg_has_another():
+    own_eps = next(m for m in LAYER_NORM_LIBRARY["layernorm.LayerNorm"] if m.name == "own_eps")
+    module = own_eps.implementation(dataclasses.replace(CFG, layer_norm_eps=1e-3))
+    with pytest.raises(FastPathError, match=r"eps = 0\.001 inside the square root.*differs"):
+        fast.use_fast_kernels(module)
+
+
+def test_the_exp_gelu_is_refused_for_its_nan():
+    overflow = next(m for m in MLP_LIBRARY["mlp.gelu_new"] if m.name == "exp_tanh_overflow")
+    with pytest.raises(FastPathError, match="gives NaN where GPT-2's MLP.*exp overflows"):
+        fast.use_fast_kernels(mlp_with(activation=overflow.implementation)(CFG))
+
+
+@pytest.mark.parametrize(
+    "where, wrong, check",
+    [
+        ("blocks.1.ln2", LAYER_NORM_LIBRARY["layernorm.LayerNorm"][0], "layernorm.LayerNorm"),
+        ("blocks.0.mlp", MLP_LIBRARY["mlp.MLP"][0], "mlp.MLP"),
+        ("unembed", EMBEDDINGS_LIBRARY["embeddings.Unembedding"][0], "embeddings.Unembedding"),
+    ],
+)
+def test_one_wrong_component_stops_the_whole_swap(where, wrong, check):
+    model = solution_transformer()
+    parent, _, attribute = where.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, wrong.implementation(CFG))
+    with pytest.raises(FastPathError, match=rf"\({re.escape(where)}, from") as refusal:
+        fast.use_fast_kernels(model)
+    assert f"gpt2-course check {check}" in str(refusal.value)
+    assert not any("forward" in module.__dict__ for module in model.modules())
+
+
+def test_check_false_swaps_a_wrong_component_anyway():
+    no_bias = EMBEDDINGS_LIBRARY["embeddings.Unembedding"][0].implementation(CFG)
+    randomize(no_bias, seed=7)
+    x = torch.randn(2, 3, CFG.d_model)
+    own = no_bias(x)
+    fast.use_fast_kernels(no_bias, check=False)
+    torch.testing.assert_close(no_bias(x), own + no_bias.b_U)  # the mistake is gone (hidden)
+
+
+def test_the_stubs_are_refused_because_their_forward_fails():
+    for stub, check in [(StubLayerNorm, "layernorm.LayerNorm"), (StubMLP, "mlp.MLP")]:
+        with pytest.raises(FastPathError, match="forward fails.*NotImplementedError") as refusal:
+            fast.use_fast_kernels(stub(CFG))
+        assert f"gpt2-course check {check}" in str(refusal.value)
+
+
+def test_wrong_shapes_and_no_component_are_clear_errors():
+    mlp = SolutionMLP(CFG)
+    mlp.W_in = nn.Parameter(torch.zeros(CFG.d_mlp, CFG.d_model))  # transposed
+    with pytest.raises(
+        FastPathError,
+        match=r"b_in has shape \[64\], the contract's is \[32\] \(d_model=64 from W_in",
+    ):
+        fast.use_fast_kernels(mlp)
+    ln = SolutionLayerNorm(CFG)
+    ln.b = nn.Parameter(torch.zeros(CFG.d_model + 1))
+    with pytest.raises(FastPathError, match=r"b has shape \[33\].*d_model=32"):
+        fast.use_fast_kernels(ln)
+    with pytest.raises(FastPathError, match="nothing to put on the fast path"):
+        fast.use_fast_kernels(nn.Linear(3, 3))
+
+
+def test_use_own_forwards_undoes_every_kernel_and_use_einsum_attention_only_attention():
+    model = solution_transformer()
+    tokens = torch.randint(0, CFG.d_vocab, (2, 6))
+    own = model(tokens)
+    fast.use_fast_kernels(model)
+    fast.use_fast_kernels(model)  # a second call changes nothing
+    fast.use_einsum_attention(model)
+    assert not fast.has_fast_attention(model) and not fast.has_fast_kernels(model)
+    counts = swapped_components(fast.use_fast_kernels(fast.use_einsum_attention(model)))
+    assert counts == EVERY_COMPONENT
+    fast.use_own_forwards(model)
+    assert not any("forward" in module.__dict__ for module in model.modules())
+    assert torch.equal(model(tokens), own)
+
+
+def test_fast_kernels_on_a_tied_model_keep_state_dict_and_checkpoints(tmp_path):
+    tied, untied = tied_and_untied()
+    params = list(tied.parameters())
+    before = {name: value.clone() for name, value in tied.state_dict().items()}
+    fast.use_fast_kernels(tied)
+    assert all(a is b for a, b in zip(tied.parameters(), params, strict=True))
+    state = tied.state_dict()
+    assert list(state) == list(untied.state_dict())
+    assert all(torch.equal(state[name], value) for name, value in before.items())
+    tokens = torch.randint(0, CFG.d_vocab, (2, 6))
+    expected = tied(tokens)
+    with parts.using(parts.SOLUTIONS):
+        trainer.save_checkpoint(
+            tmp_path, tied, None, {"step": 1, "train_config": {"tie_weights": True}}
+        )
+        loaded, _, _ = trainer.load_checkpoint(tmp_path)  # tied, on its own forwards
+    assert fast.has_tied_weights(loaded) and not fast.has_fast_kernels(loaded)
+    torch.testing.assert_close(loaded(tokens), expected)
+    fast.use_fast_kernels(loaded)
+    torch.testing.assert_close(loaded(tokens), expected)
+    twin = copy.deepcopy(tied)  # a copy's kernels run on the copy's own W_E
+    assert twin.unembed.forward.module is twin.unembed
+    with torch.no_grad():
+        twin.embed.W_E.mul_(2)
+    assert not torch.allclose(twin(tokens), expected)
+    torch.testing.assert_close(tied(tokens), expected)
+
+
+def test_use_fast_kernels_leaves_the_global_random_state_alone():
+    model = fast.tie_weights(solution_transformer())
+    state = torch.get_rng_state()
+    fast.use_fast_kernels(model)
+    assert torch.equal(torch.get_rng_state(), state)
