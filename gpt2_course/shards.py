@@ -47,6 +47,7 @@ from torch import Tensor
 
 from gpt2_course.data import DataError, _with_deadline, documents, tokenize_batch
 from gpt2_course.tokenizer import cache_dir, get_tokenizer
+from gpt2_course.trainer import _sha256, _write_atomically  # checkpoints' helpers, shared
 
 FORMAT = "gpt2-course-shards"
 VERSION = 1
@@ -90,27 +91,6 @@ HUB_SOURCES = {
 
 def _say(verbose: bool):
     return print if verbose else (lambda *args, **kwargs: None)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _write_text_atomically(path: Path, text: str) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -568,7 +548,8 @@ def _prepare_locked(
             if OUR_TEMP_FILE.fullmatch(leftover.name):
                 leftover.unlink()
         manifest = _write_shards(source, folder, request, num_proc, verbose)
-        _write_text_atomically(folder / MANIFEST, json.dumps(manifest, indent=1))
+        text = json.dumps(manifest, indent=1)
+        _write_atomically(folder / MANIFEST, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         if old is not None:  # files of the replaced preparation that the new one did not reuse
             kept = {entry["file"] for split in SPLITS for entry in manifest["shards"][split]}
             for split in SPLITS:
