@@ -769,9 +769,14 @@ class _HellaSwag:
                 self.missing = True
                 self.say("HellaSwag skipped: its data set cannot be downloaded here (offline).")
                 return {}
-        counts = hellaswag.score_examples(
-            model, self.examples, rank=self.place.rank, world=self.place.world
-        )
+        try:
+            counts = hellaswag.score_examples(
+                model, self.examples, rank=self.place.rank, world=self.place.world
+            )
+        except hellaswag.HellaSwagError as error:  # e.g. a context too short for its endings
+            self.missing = True
+            self.say(f"HellaSwag skipped: {error}")
+            return {}
         device = next(model.parameters()).device
         keys = ("n", "correct", "correct_norm")
         summed = distributed.sum_everywhere([float(counts[k]) for k in keys], device)

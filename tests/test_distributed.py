@@ -246,3 +246,29 @@ def test_without_an_output_bias_b_U_stays_zero_and_untrained(corpus, tmp_path):
     state = torch.load(out / "optimizer.pt", weights_only=True)
     trained = sum(len(group["params"]) for group in state["param_groups"])
     assert trained == sum(1 for p in model.parameters()) - 1  # every parameter but b_U
+
+
+def test_hellaswag_is_scored_at_its_interval_or_skipped(corpus, tmp_path, monkeypatch, capsys):
+    from gpt2_course import hellaswag
+
+    # offline (as in every test): said once, and the run goes on
+    offline = one_process(corpus, tmp_path / "offline", "--hellaswag", "3")
+    assert capsys.readouterr().out.count("HellaSwag skipped") == 1
+    assert not any("hellaswag_acc" in row for row in offline["history"])
+    # endings that do not fit the model's 16 tokens: said once, the run goes on
+    sample = hellaswag.load_jsonl(Path(__file__).parent / "data" / "hellaswag_sample.jsonl")
+    monkeypatch.setattr(hellaswag, "load_hellaswag", lambda **kwargs: sample)
+    one_process(corpus, tmp_path / "too-long", "--hellaswag", "3")
+    assert capsys.readouterr().out.count("HellaSwag skipped: an ending of") == 1
+    # short examples: scored every 3 steps, acc and acc_norm over all of them
+    short = [
+        hellaswag.Example(ctx="The ferry left", endings=[e, "the gulls", "a boy", "noon"], label=0)
+        for e in ("the harbour", "at seven", "the island", "the bell twice")
+    ]
+    monkeypatch.setattr(hellaswag, "load_hellaswag", lambda **kwargs: short)
+    scored = one_process(corpus, tmp_path / "scored", "--hellaswag", "3")
+    rows = [row for row in scored["history"] if "hellaswag_acc" in row]
+    assert [row["step"] for row in rows] == [0, 3, 6]
+    for row in rows:
+        for key in ("hellaswag_acc", "hellaswag_acc_norm"):
+            assert row[key] * 4 == round(row[key] * 4)  # a count out of the 4 examples
