@@ -325,23 +325,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from solutions.training import configure_optimizer, next_token_loss
 
     autocast = trainer._autocast(args.precision, device)
-    course_optimizer = configure_optimizer(course, LR, WEIGHT_DECAY)
-    attention_optimizer = configure_optimizer(attention_only, LR, WEIGHT_DECAY)
     hf_optimizer_ = hf_optimizer(hf, LR, WEIGHT_DECAY)
 
-    def course_steps() -> None:
-        for _ in range(args.steps):
-            trainer._accumulating_step(
-                trained, batch, course_optimizer, LR, GRAD_CLIP, next_token_loss,
-                args.micro_batch, autocast,
-            )  # fmt: skip
+    def course_steps(model: nn.Module, wrapped: nn.Module) -> Callable[[], None]:
+        """`args.steps` of the trainer's own step on `wrapped` (`model`, made ready to train)."""
+        optimizer = configure_optimizer(model, LR, WEIGHT_DECAY)
 
-    def attention_only_steps() -> None:
-        for _ in range(args.steps):
-            trainer._accumulating_step(
-                trained_attention, batch, attention_optimizer, LR, GRAD_CLIP, next_token_loss,
-                args.micro_batch, autocast,
-            )  # fmt: skip
+        def run() -> None:
+            for _ in range(args.steps):
+                trainer._accumulating_step(
+                    wrapped, batch, optimizer, LR, GRAD_CLIP, next_token_loss,
+                    args.micro_batch, autocast,
+                )  # fmt: skip
+
+        return run
 
     def hf_steps() -> None:
         for _ in range(args.steps):
@@ -358,8 +355,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     with trainer._reuse_freed_memory(), trainer._deterministic(device):
         timings = compare(
             {
-                "course": course_steps,
-                "course (attention only)": attention_only_steps,
+                "course": course_steps(course, trained),
+                "course (attention only)": course_steps(attention_only, trained_attention),
                 "hf": hf_steps,
             },
             repeats=args.repeats,
