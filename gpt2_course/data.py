@@ -330,18 +330,25 @@ def tokenize_batch(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
     return {"ids": [doc + [END_OF_TEXT_ID] for doc in ids]}
 
 
+def tokenized_dataset(dataset, num_proc: int | None = None):
+    """`dataset` (a "text" column) as one "ids" column of tokens per document, cached by
+    `datasets`; in `num_proc` processes where given."""
+    return dataset.map(
+        tokenize_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=num_proc,
+        remove_columns=dataset.column_names,
+        desc="Tokenizing",
+    )
+
+
 def tokenize(dataset) -> tuple[np.ndarray, np.ndarray]:
     """All tokens of all documents, concatenated, and where each document starts.
 
     Returns (tokens [n_tokens], offsets [n_documents + 1]).
     """
-    tokenized = dataset.map(
-        tokenize_batch,
-        batched=True,
-        batch_size=256,
-        remove_columns=dataset.column_names,
-        desc="Tokenizing",
-    )
+    tokenized = tokenized_dataset(dataset)
     # Straight from the Arrow column: one flat array of tokens and where each document starts.
     column = tokenized.data.column("ids").combine_chunks()
     offsets = np.asarray(column.offsets, dtype=np.int64)

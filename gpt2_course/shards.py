@@ -45,7 +45,13 @@ import torch
 from jaxtyping import Int
 from torch import Tensor
 
-from gpt2_course.data import DataError, _with_deadline, documents, tokenize_batch
+from gpt2_course.data import (
+    DataError,
+    _with_deadline,
+    documents,
+    tokenize_batch,
+    tokenized_dataset,
+)
 from gpt2_course.tokenizer import cache_dir, get_tokenizer
 from gpt2_course.trainer import _sha256, _write_atomically  # checkpoints' helpers, shared
 
@@ -366,14 +372,7 @@ def _dataset_stream(dataset, num_proc: int) -> tuple[Iterator[tuple[np.ndarray, 
     """Tokenise a `datasets.Dataset` with a parallel `map`; (batches as above, total tokens)."""
     import pyarrow.compute as pc
 
-    tokenized = dataset.map(
-        tokenize_batch,
-        batched=True,
-        batch_size=256,
-        num_proc=num_proc if num_proc > 1 else None,
-        remove_columns=dataset.column_names,
-        desc="Tokenizing",
-    )
+    tokenized = tokenized_dataset(dataset, num_proc if num_proc > 1 else None)
     column = tokenized.data.column("ids")
     total = int(pc.sum(pc.list_value_length(column)).as_py() or 0)
 
