@@ -347,7 +347,7 @@ def _check(
     n_ctx = getattr(getattr(module, "cfg", None), "n_ctx", 7)
     pos = max(1, min(7, n_ctx))
     try:
-        probe = copy.deepcopy(module).eval()
+        probe = copy.deepcopy(module)
     except Exception as error:
         raise FastPathError(
             f"{what} cannot be copied to check it ({type(error).__name__}: {error}). "
@@ -363,7 +363,9 @@ def _check(
             # a caller's autocast must not lower the float32 try to bf16
             with torch.no_grad(), torch.autocast("cpu", enabled=False):
                 expected = component.kernel(probe, x, **settings)
-                got = probe.forward(x.clone())  # its own forward, without the module's hooks
+                # its own forward, without the module's hooks, in both modes: the fast path
+                # trains, and code that is right only in eval mode must not slip through
+                outputs = [probe.train(mode).forward(x.clone()) for mode in (False, True)]
         except Exception as error:  # e.g. code that only runs in float32: try that next
             failure = f"{type(error).__name__}: {error}"
             continue
@@ -373,28 +375,32 @@ def _check(
             f"{what}: its forward fails ({failure}), so it cannot be checked against "
             f"{computes}, and the fast path would hide that. Run `{command}`."
         )
-    if not isinstance(got, Tensor) or got.shape != expected.shape:
-        shape = list(got.shape) if isinstance(got, Tensor) else type(got).__name__
+    for got, mode in zip(outputs, ("eval", "training"), strict=True):
+        if not isinstance(got, Tensor) or got.shape != expected.shape:
+            shape = list(got.shape) if isinstance(got, Tensor) else type(got).__name__
+            raise FastPathError(
+                f"{what} returns {shape} for an input of shape {list(x.shape)} (in {mode} "
+                f"mode); {computes} returns {list(expected.shape)}. The fast path would hide "
+                f"that: run `{command}`."
+            )
+        # relative; float64 leaves room for a constant computed in float32 (a scale, say),
+        # while every mistake of the course's mistake libraries moves outputs by far more
+        tolerance = 1e-6 if got.dtype == torch.float64 else 1e-4
+        gap = (got.to(dtype) - expected).abs().max().item()
+        size = expected.abs().max().item()
+        if gap <= tolerance * max(size, 1.0):  # False for NaN too
+            continue
+        if gap != gap:  # NaN
+            how = f"gives NaN where {computes} gives numbers{component.nan_hint}"
+        else:
+            how = f"differs by up to {gap:.3g} (outputs of size {size:.3g}) on random inputs"
+        if mode == "training":
+            how += " in training mode (model.train()), and not in eval mode"
         raise FastPathError(
-            f"{what} returns {shape} for an input of shape {list(x.shape)}; {computes} "
-            f"returns {list(expected.shape)}. The fast path would hide that: run `{command}`."
+            f"{what} does not match {computes}: its output {how}. The fast path computes it "
+            f"correctly and would hide this mistake. Find it with `{command}`; "
+            f"{via}(model, check=False) swaps anyway."
         )
-    # relative; float64 leaves room for a constant computed in float32 (a scale, say),
-    # while every mistake of the course's mistake libraries moves outputs by far more
-    tolerance = 1e-6 if got.dtype == torch.float64 else 1e-4
-    gap = (got.to(dtype) - expected).abs().max().item()
-    size = expected.abs().max().item()
-    if gap <= tolerance * max(size, 1.0):  # False for NaN too
-        return
-    if gap != gap:  # NaN
-        how = f"gives NaN where {computes} gives numbers{component.nan_hint}"
-    else:
-        how = f"differs by up to {gap:.3g} (outputs of size {size:.3g}) on random inputs"
-    raise FastPathError(
-        f"{what} does not match {computes}: its output {how}. The fast path computes it "
-        f"correctly and would hide this mistake. Find it with `{command}`; "
-        f"{via}(model, check=False) swaps anyway."
-    )
 
 
 def check_attention(attn: nn.Module, name: str = "") -> None:

@@ -234,6 +234,26 @@ def test_one_wrong_block_stops_the_whole_swap():
     assert not any("forward" in attn.__dict__ for _, attn in fast.attention_modules(model))
 
 
+def right_only_in_eval(component: type[nn.Module]) -> type[nn.Module]:
+    """A component whose forward is right in eval mode and doubled while training."""
+
+    class Sneaky(component):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            return 2 * out if self.training else out
+
+    return Sneaky
+
+
+@pytest.mark.parametrize("component", [SolutionAttention, SolutionLayerNorm, SolutionMLP])
+def test_a_forward_right_only_in_eval_mode_is_refused(component):
+    model = nn.ModuleList([right_only_in_eval(component)(CFG)])
+    model.cfg = CFG
+    with pytest.raises(FastPathError, match=r"in training mode \(model\.train\(\)\)"):
+        fast.use_fast_kernels(model)
+    assert not fast.has_fast_kernels(model)
+
+
 def test_the_stub_is_refused_because_its_forward_fails():
     with pytest.raises(FastPathError, match="forward fails.*NotImplementedError") as refusal:
         fast.use_fast_attention(StubAttention(CFG))
