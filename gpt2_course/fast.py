@@ -326,6 +326,7 @@ def _settings(component: Component, name: str, module: nn.Module, model: nn.Modu
     )
 
 
+@torch.inference_mode(False)  # called in inference mode, the probe still takes gradients
 def _check(
     component: Component,
     module: nn.Module,
@@ -334,7 +335,8 @@ def _check(
     via: str = "use_fast_kernels",
 ) -> None:
     """Refuse (FastPathError) unless `module`'s own forward computes what `component`'s
-    kernel computes, with `settings`.
+    kernel computes, with `settings`: the same output in eval and in training mode, and
+    the same gradients for its input and its trained parameters.
 
     Runs on a float64 copy on the CPU with random weights and inputs (float32 where the
     module's code does not run in float64), from a private random generator: the model,
@@ -342,8 +344,8 @@ def _check(
     """
     settings = settings or {}
     what, command = _describe(name, module), component.command
-    computes = component.computes.format(**settings)
     sizes = _check_shapes(component, name, module)
+    computes = component.computes.format(**settings)
     n_ctx = getattr(getattr(module, "cfg", None), "n_ctx", 7)
     pos = max(1, min(7, n_ctx))
     try:
@@ -360,12 +362,18 @@ def _check(
             probe.to("cpu", dtype)
             component.randomize(probe, sizes, generator)
             x = component.probe_input(sizes, pos, dtype, generator)
-            # a caller's autocast must not lower the float32 try to bf16
-            with torch.no_grad(), torch.autocast("cpu", enabled=False):
-                expected = component.kernel(probe, x, **settings)
-                # its own forward, without the module's hooks, in both modes: the fast path
-                # trains, and code that is right only in eval mode must not slip through
-                outputs = [probe.train(mode).forward(x.clone()) for mode in (False, True)]
+            # a caller's autocast must not lower the float32 try to bf16, nor its no_grad
+            # take the gradients away
+            with torch.autocast("cpu", enabled=False), torch.enable_grad():
+                with torch.no_grad():
+                    expected = component.kernel(probe, x, **settings)
+                    evaluated = probe.eval().forward(x.clone())  # without the module's hooks
+                # in training mode too, with gradients: the fast path trains, and code that
+                # is right only in eval mode, or cuts or scales a gradient, must not slip by
+                upstream = torch.randn(expected.shape, generator=generator, dtype=dtype)
+                kernel = partial(component.kernel, probe, **settings)
+                _, expected_grads = _with_gradients(kernel, probe, x, upstream)
+                trained, grads = _with_gradients(probe.train().forward, probe, x, upstream)
         except Exception as error:  # e.g. code that only runs in float32: try that next
             failure = f"{type(error).__name__}: {error}"
             continue
@@ -375,7 +383,7 @@ def _check(
             f"{what}: its forward fails ({failure}), so it cannot be checked against "
             f"{computes}, and the fast path would hide that. Run `{command}`."
         )
-    for got, mode in zip(outputs, ("eval", "training"), strict=True):
+    for got, mode in zip((evaluated, trained), ("eval", "training"), strict=True):
         if not isinstance(got, Tensor) or got.shape != expected.shape:
             shape = list(got.shape) if isinstance(got, Tensor) else type(got).__name__
             raise FastPathError(
@@ -401,6 +409,42 @@ def _check(
             f"correctly and would hide this mistake. Find it with `{command}`; "
             f"{via}(model, check=False) swaps anyway."
         )
+    if grads is None:
+        raise FastPathError(
+            f"{what}: its output carries no gradient (a .detach(), .data, torch.no_grad() or "
+            "a tensor rebuilt with torch.tensor(...) in its forward?), so nothing before it "
+            f"would train. The fast path's gradient would hide that: run `{command}`."
+        )
+    tolerance = 1e-6 if dtype == torch.float64 else 1e-4
+    for wrt, want in expected_grads.items():
+        gap = (grads[wrt].to(dtype) - want).abs().max().item()
+        size = want.abs().max().item()
+        if not gap <= tolerance * max(size, 1.0):  # False for NaN too
+            raise FastPathError(
+                f"{what} computes the right output, but its gradient for {wrt} differs by up "
+                f"to {gap:.3g} (gradients of size {size:.3g}): something in its forward cuts "
+                "or scales the gradient (a .detach() on one path, .data, a custom backward?). "
+                f"The fast path's gradient would hide that: run `{command}`."
+            )
+
+
+def _with_gradients(
+    forward: Callable[[Tensor], Any], module: nn.Module, x: Tensor, upstream: Tensor
+) -> tuple[Any, dict[str, Tensor] | None]:
+    """forward(x), and the gradients of (output * upstream).sum() for the input and every
+    trained parameter of `module` (zeros for one the output does not reach); None for the
+    gradients when the output is not a tensor of upstream's shape with a gradient."""
+    x = x.clone().requires_grad_(True)
+    params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+    out = forward(x)
+    if not isinstance(out, Tensor) or out.shape != upstream.shape or not out.requires_grad:
+        return out, None
+    grads = torch.autograd.grad((out * upstream).sum(), [x, *params.values()], allow_unused=True)
+    names = ["the input", *params]
+    return out.detach(), {
+        name: torch.zeros_like(ref) if grad is None else grad
+        for name, grad, ref in zip(names, grads, [x, *params.values()], strict=True)
+    }
 
 
 def check_attention(attn: nn.Module, name: str = "") -> None:

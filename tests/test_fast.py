@@ -254,6 +254,54 @@ def test_a_forward_right_only_in_eval_mode_is_refused(component):
     assert not fast.has_fast_kernels(model)
 
 
+def with_gradient(component: type[nn.Module], how: str) -> type[nn.Module]:
+    """A component with the right forward values and a wrong gradient."""
+
+    class WrongGradient(component):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = super().forward(x)
+            if how == "detached":
+                return out.detach()
+            if how == "halved":  # the same values, half the gradient
+                return out.detach() + 0.5 * (out - out.detach())
+            return out.detach() + (out - out.detach()) * (x.detach()[..., :1] > 0)  # some rows
+
+    return WrongGradient
+
+
+@pytest.mark.parametrize("how", ["detached", "halved", "cut on some rows"])
+@pytest.mark.parametrize("component", [SolutionAttention, SolutionLayerNorm, SolutionMLP])
+def test_a_right_forward_with_a_wrong_gradient_is_refused(component, how):
+    model = nn.ModuleList([with_gradient(component, how)(CFG)])
+    model.cfg = CFG
+    expected = "carries no gradient" if how == "detached" else "its gradient for the input differs"
+    with pytest.raises(FastPathError, match=expected):
+        fast.use_fast_kernels(model)
+    assert not fast.has_fast_kernels(model)
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_the_check_takes_gradients_even_where_the_caller_takes_none(context):
+    model = solution_transformer()
+    with context():
+        fast.use_fast_kernels(model)
+    assert fast.has_fast_kernels(model)
+
+
+class LayerNormWithFrozenScale(SolutionLayerNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(-1, keepdim=True)
+        scale = (centred.pow(2).mean(-1, keepdim=True) + self.cfg.layer_norm_eps).sqrt()
+        return centred / scale * self.w.detach() + self.b  # w would never train
+
+
+def test_a_parameter_cut_off_from_its_gradient_is_refused():
+    model = nn.ModuleList([LayerNormWithFrozenScale(CFG)])
+    model.cfg = CFG
+    with pytest.raises(FastPathError, match="its gradient for w differs"):
+        fast.use_fast_kernels(model)
+
+
 def test_the_stub_is_refused_because_its_forward_fails():
     with pytest.raises(FastPathError, match="forward fails.*NotImplementedError") as refusal:
         fast.use_fast_attention(StubAttention(CFG))
