@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -972,6 +973,10 @@ def train(
         + ", ".join(f"{k} {v:.3f}" for k, v in base_dict.items())
     )
     trained = _wrap_for_training(model, config, device, place)
+    if micro < per_process or autocast.dtype is not None:
+        step_with = partial(_accumulating_step, loss_fn=loss_fn, micro=micro, autocast=autocast)
+    else:  # your train_step, as in notebook 06 (under DDP, gradients sync inside backward)
+        step_with = train_step
     if (
         place.parallel
         or micro < per_process
@@ -1007,16 +1012,9 @@ def train(
                 )
                 batch = data.read("train", distributed.my_part(indices, place)).to(device)
                 with _clear_errors("training.train_step"):
-                    if micro < per_process or autocast.dtype is not None:
-                        loss = _accumulating_step(
-                            trained, batch, optimizer, current_lr, config.grad_clip, loss_fn,
-                            micro, autocast,
-                        )  # fmt: skip
-                    else:  # your train_step, as in notebook 06 (DDP syncs inside backward)
-                        loss = _take_step(
-                            train_step, trained, batch, optimizer, current_lr, config.grad_clip,
-                            loss_fn,
-                        )  # fmt: skip
+                    loss = _take_step(
+                        step_with, trained, batch, optimizer, current_lr, config.grad_clip, loss_fn
+                    )
                     if place.parallel:  # the loss of the global batch, for every rank's log
                         loss = distributed.sum_everywhere([loss], device)[0] / place.world
                 if not math.isfinite(loss):

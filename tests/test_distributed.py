@@ -272,3 +272,20 @@ def test_hellaswag_is_scored_at_its_interval_or_skipped(corpus, tmp_path, monkey
     for row in rows:
         for key in ("hellaswag_acc", "hellaswag_acc_norm"):
             assert row[key] * 4 == round(row[key] * 4)  # a count out of the 4 examples
+
+
+@pytest.mark.parametrize("scaled", [["--micro-batch", "2"], ["--precision", "bf16"]])
+def test_a_loss_without_gradient_is_diagnosed_on_the_scaled_path_too(
+    corpus, tmp_path, monkeypatch, capsys, scaled
+):
+    real_part = trainer._part
+
+    def detached_loss(name):
+        part = real_part(name)
+        if name == "training.next_token_loss":
+            return lambda logits, tokens: part(logits, tokens).detach()
+        return part
+
+    monkeypatch.setattr(trainer, "_part", detached_loss)
+    assert main(["train", *flags(corpus, tmp_path / "x"), *scaled]) == 1
+    assert "next_token_loss returned a tensor with no gradient" in capsys.readouterr().err
